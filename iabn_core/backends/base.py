@@ -1,0 +1,87 @@
+"""The stage interface every backend implements, and the problem descriptor it receives.
+
+The core collapses x of logical shape (N, C, *) to a 3-D view at its boundary:
+  layout "ncs": (N, C, S), S contiguous (standard contiguous tensors)
+  layout "nsc": (N, S, C), C contiguous (channels-last tensors)
+so kernels and backends handle exactly these two layouts. S == 1 is always "nsc".
+
+Per-channel state travels in small accumulator-dtype arrays ("acc" = float32, float64 for
+float64 inputs):
+  partials: (R, 3, C)  rows count, mean, biased var of R disjoint pieces of the batch
+  stats:    (4, C)     rows count, mean, biased var, inverse std (1/sqrt(var + eps))
+  sums:     (2, C)     rows sum(dy), sum(dy * xhat)
+A piece with count 0 drops out of every merge.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+STATS_ROWS = 4  # count, mean, var, invstd
+PARTIAL_ROWS = 3  # count, mean, var
+SUM_ROWS = 2  # sum_dy, sum_dy_xhat
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything a stage needs to know besides the buffers. Built only by iabn_core.validate."""
+
+    n: int
+    c: int
+    s: int
+    layout: str  # "ncs" or "nsc"
+    x_dtype: str  # canonical dtype names from iabn_core.dtypes
+    param_dtype: str
+    acc_dtype: str
+    activation: str  # "identity" | "leaky_relu" | "elu"
+    activation_param: float
+    eps: float
+    has_weight: bool
+    has_bias: bool
+
+    @property
+    def count(self) -> int:
+        """Values per channel in this replica's batch (m = N * S)."""
+        return self.n * self.s
+
+    @property
+    def numel(self) -> int:
+        return self.n * self.c * self.s
+
+
+class Backend(Protocol):
+    """One implementation per execution engine (cuda, emulator, numpy).
+
+    Arrays are the backend's own array type. x3/z3/dz3 are the 3-D views described above;
+    weight/bias/running_* are 1-D (C,) arrays of the parameter dtype or None.
+    No stage synchronises with the host.
+    """
+
+    name: str
+
+    def batch_stats(self, prob: Problem, x3: Any) -> Any:
+        """Partials (G, 3, C) of x over N and S; G is backend/plan dependent (>= 1)."""
+
+    def merge_stats(self, prob: Problem, partials: Any) -> Any:
+        """Merge (R, 3, C) partials into (3, C) in a fixed order (count-weighted Chan)."""
+
+    def finalize(self, prob: Problem, partials: Any, running_mean: Any, running_var: Any,
+                 momentum: float, training: bool) -> Any:
+        """Stats (4, C). Training: merge partials, update running stats in place
+        (r <- (1-momentum) r + momentum * stat, var unbiased by m/(m-1)).
+        Eval: partials is None; mean/var come from the running stats, count = prob.count."""
+
+    def forward(self, prob: Problem, x3: Any, stats: Any, weight: Any, bias: Any) -> None:
+        """x3 <- act(gamma * (x3 - mean) * invstd + bias), gamma = |weight| + eps, in place."""
+
+    def backward_reduce(self, prob: Problem, z3: Any, dz3: Any, stats: Any,
+                        weight: Any, bias: Any) -> Any:
+        """Per-piece partial sums (G, 2, C) of dy and dy * xhat, recovered from z and dz."""
+
+    def backward_finalize(self, prob: Problem, partial_sums: Any, weight: Any,
+                          bias: Any) -> tuple[Any, Any, Any]:
+        """(sums (2, C), dweight or None, dbias or None); dweight = sign(w) * sum(dy*xhat)."""
+
+    def backward_elementwise(self, prob: Problem, z3: Any, dz3: Any, stats: Any, sums: Any,
+                             weight: Any, bias: Any, training: bool) -> None:
+        """dz3 <- dx, in place. Training uses sums and stats' count row; eval ignores sums."""

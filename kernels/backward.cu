@@ -1,0 +1,132 @@
+// Backward from the saved output z and the incoming gradient dz only (x was overwritten):
+//   y = act^-1(z), dy = dz * act'(z), xhat = (y - bias) / gamma      (all in registers)
+//   iabn_backward_reduce      partial sums (G, 2, C) of dy and dy * xhat
+//   iabn_backward_finalize    ordered merge -> sums (2, C); dweight = sign(w) sum(dy xhat), dbias = sum(dy)
+//   iabn_backward_elementwise dz <- dx, in place:
+//       training: dx = gamma * invstd * (dy - sum(dy)/m - xhat * sum(dy xhat)/m)
+//       eval:     dx = gamma * invstd * dy
+// Synchronized BN all-reduces `sums` between finalize and elementwise.
+#include "activations.cuh"
+#include "common.cuh"
+#include "layout.cuh"
+#include "reduce.cuh"
+
+namespace iabn {
+
+// Per-channel constants of the inversion y -> xhat.
+template <class Acc, class P> struct Affine {
+  Acc gamma, inv_gamma, shift;
+  __device__ __forceinline__ void load_channel(const P* weight, const P* bias, Acc eps, long long c) {
+    gamma = weight ? acc_abs(to_acc<Acc>(load(weight + c))) + eps : Acc(1);
+    inv_gamma = Acc(1) / gamma;
+    shift = load_or<Acc>(bias, c, Acc(0));
+  }
+};
+
+// (dy, xhat) of one element, recovered from its output and output-gradient.
+template <class Act, class Acc, class P>
+__device__ __forceinline__ void recover(Acc z, Acc dz, const Affine<Acc, P>& a, Acc p, Acc& dy, Acc& xhat) {
+  dy = dz * Act::derivative(z, p);
+  xhat = (Act::inverse(z, p) - a.shift) * a.inv_gamma;
+}
+
+}  // namespace iabn
+
+template <class T, class P, class Act, class Layout, int VEC>
+__global__ void __launch_bounds__(iabn::kBlockThreads)
+iabn_backward_reduce(const T* __restrict__ z, const T* __restrict__ dz, iabn::acc_t<T>* __restrict__ partials,
+                     const P* __restrict__ weight, const P* __restrict__ bias, iabn::acc_t<T> eps,
+                     iabn::acc_t<T> act_param, long long N, long long C, long long S, long long seg) {
+  using namespace iabn;
+  typedef acc_t<T> Acc;
+  constexpr int CH = Layout::template channels_per_thread<VEC>();
+  Affine<Acc, P> aff[CH];
+  SumPair<Acc> acc[CH];
+  long long c0;
+  const bool owns = Layout::template thread_channel<VEC>(C, c0);
+  for (int k = 0; k < CH; ++k) {
+    acc[k] = SumPair<Acc>::identity();
+    if (owns) aff[k].load_channel(weight, bias, eps, c0 + k);
+  }
+
+  Layout::template for_each_vector<VEC>(N, C, S, seg, [&](long long off) {
+    const Vec<T, VEC> zv = load_vec<VEC>(z + off);
+    const Vec<T, VEC> gv = load_vec<VEC>(dz + off);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const int s = Layout::slot(k);
+      Acc dy, xhat;
+      recover<Act>(to_acc<Acc>(zv.v[k]), to_acc<Acc>(gv.v[k]), aff[s], act_param, dy, xhat);
+      acc[s].dy += dy;
+      acc[s].dy_xhat += dy * xhat;
+    }
+  });
+
+  Acc* out = partials + (long long)blockIdx.y * 2 * C;
+  Layout::reduce_block(acc, C, [&](int, long long c, const SumPair<Acc>& v) {
+    store(out + c, v.dy);
+    store(out + C + c, v.dy_xhat);
+  });
+}
+
+template <class Acc, class P>
+__global__ void __launch_bounds__(iabn::kBlockThreads)
+iabn_backward_finalize(const Acc* __restrict__ partials, long long G, long long C, Acc* __restrict__ sums,
+                       const P* __restrict__ weight, P* __restrict__ dweight, P* __restrict__ dbias) {
+  using namespace iabn;
+  const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  Acc dy = Acc(0), dy_xhat = Acc(0);
+  for (long long g = 0; g < G; ++g) {  // index order: deterministic
+    dy += load(partials + g * 2 * C + c);
+    dy_xhat += load(partials + g * 2 * C + C + c);
+  }
+  store(sums + c, dy);
+  store(sums + C + c, dy_xhat);
+  // d|w|/dw = sign(w); gamma = |w| + eps, and dL/dgamma = sum(dy * xhat).
+  if (dweight) store(dweight + c, Cast<P>::from(sign_of(to_acc<Acc>(load(weight + c))) * dy_xhat));
+  if (dbias) store(dbias + c, Cast<P>::from(dy));
+}
+
+template <class T, class P, class Act, class Layout, int VEC>
+__global__ void __launch_bounds__(iabn::kBlockThreads)
+iabn_backward_elementwise(const T* __restrict__ z, T* __restrict__ dz, const iabn::acc_t<T>* __restrict__ stats,
+                          const iabn::acc_t<T>* __restrict__ sums, const P* __restrict__ weight,
+                          const P* __restrict__ bias, iabn::acc_t<T> eps, iabn::acc_t<T> act_param,
+                          int training, long long N, long long C, long long S, long long seg) {
+  using namespace iabn;
+  typedef acc_t<T> Acc;
+  constexpr int CH = Layout::template channels_per_thread<VEC>();
+  long long c0;
+  if (!Layout::template thread_channel<VEC>(C, c0)) return;  // no barrier below: safe to leave
+
+  Affine<Acc, P> aff[CH];
+  Acc scale[CH], mean_dy[CH], mean_dy_xhat[CH];
+  for (int k = 0; k < CH; ++k) {
+    const long long c = c0 + k;
+    aff[k].load_channel(weight, bias, eps, c);
+    scale[k] = aff[k].gamma * load(stats + 3 * C + c);
+    if (training) {
+      // The count row of stats is the global count m (replicas included for synchronized BN).
+      const Acc inv_m = Acc(1) / load(stats + c);
+      mean_dy[k] = load(sums + c) * inv_m;
+      mean_dy_xhat[k] = load(sums + C + c) * inv_m;
+    } else {
+      mean_dy[k] = Acc(0);
+      mean_dy_xhat[k] = Acc(0);
+    }
+  }
+
+  Layout::template for_each_vector<VEC>(N, C, S, seg, [&](long long off) {
+    const Vec<T, VEC> zv = load_vec<VEC>(z + off);
+    Vec<T, VEC> gv = load_vec<VEC>(dz + off);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const int s = Layout::slot(k);
+      Acc dy, xhat;
+      recover<Act>(to_acc<Acc>(zv.v[k]), to_acc<Acc>(gv.v[k]), aff[s], act_param, dy, xhat);
+      gv.v[k] = Cast<T>::from(scale[s] * (dy - mean_dy[s] - xhat * mean_dy_xhat[s]));
+    }
+    store_vec<VEC>(dz + off, gv);
+  });
+}
