@@ -1,0 +1,105 @@
+"""Compile a CUDA C++ translation unit into a host shared library.
+
+The .so is cached under ``$IABN_CACHE_DIR/emulator`` (default
+``~/.cache/iabn/emulator``), keyed by everything that affects the binary, and
+published with an atomic rename so concurrent processes never see a partial
+file.
+"""
+
+import functools
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .errors import EmulatorError
+from .rewrite import rewrite_shared
+
+INCLUDE_DIR = Path(__file__).resolve().parent / "include"
+CXX = os.environ.get("IABN_EMULATOR_CXX", "g++")
+BASE_FLAGS = ["-std=c++17", "-O1", "-fno-strict-aliasing", "-shared", "-fPIC",
+              # One private copy of the runtime per .so; no STB_GNU_UNIQUE
+              # symbols that would merge statics across loaded modules.
+              "-fvisibility=hidden", "-fno-gnu-unique", "-fno-threadsafe-statics",
+              "-w"]
+ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
+
+# Number of real compiler invocations in this process (lets tests prove a
+# cache hit).
+compile_count = 0
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("IABN_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "iabn"
+    return base / "emulator"
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_version() -> str:
+    try:
+        return subprocess.run([CXX, "--version"], capture_output=True, text=True,
+                              check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise EmulatorError(f"cannot run C++ compiler {CXX!r}: {e}") from None
+
+
+def _headers_digest() -> str:
+    h = hashlib.sha256()
+    for p in sorted(INCLUDE_DIR.glob("*.h")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def flags_for(asan: bool) -> list[str]:
+    return BASE_FLAGS + (ASAN_FLAGS if asan else [])
+
+
+def _wrappers(name_expressions: list[str]) -> str:
+    # Generated at the end of the TU: per kernel, a launcher and a signature
+    # query, both deduced from the function pointer type.
+    lines = ['\n#line 1 "<iabn-emulator-wrappers>"']
+    for i, expr in enumerate(name_expressions):
+        lines.append(
+            f"IABN_EMU_EXPORT int iabn_emu_launch_{i}(const unsigned* g, const unsigned* b, "
+            f"unsigned long long smem, void** args) {{ "
+            f"return ::iabn_emu::launch(&{expr}, g, b, smem, args); }}")
+        lines.append(
+            f"IABN_EMU_EXPORT const char* iabn_emu_signature_{i}() {{ "
+            f"return ::iabn_emu::signature(&{expr}); }}")
+    return "\n".join(lines) + "\n"
+
+
+def translation_unit(source: str, name_expressions: list[str]) -> str:
+    return '#line 1 "<source>"\n' + rewrite_shared(source) + _wrappers(name_expressions)
+
+
+def build_library(source: str, name_expressions: list[str], asan: bool) -> Path:
+    """Return the path of the cached .so for this source, compiling if needed."""
+    global compile_count
+    for expr in name_expressions:
+        if not isinstance(expr, str) or not expr.strip() or "\n" in expr:
+            raise ValueError(f"bad name expression: {expr!r}")
+    flags = flags_for(asan)
+    key = hashlib.sha256("\0".join(
+        [source, "\x01".join(name_expressions), _headers_digest(), _compiler_version(),
+         CXX, " ".join(flags)]).encode()).hexdigest()
+    out_dir = cache_dir()
+    so_path = out_dir / f"{key[:40]}{'-asan' if asan else ''}.so"
+    if so_path.exists():
+        return so_path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="build-", dir=out_dir) as tmp:
+        cpp = Path(tmp) / "kernel.cpp"
+        cpp.write_text(translation_unit(source, name_expressions))
+        tmp_so = Path(tmp) / "kernel.so"
+        cmd = [CXX, *flags, "-I", str(INCLUDE_DIR), "-include", "emu_cuda.h",
+               str(cpp), "-o", str(tmp_so)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        compile_count += 1
+        if proc.returncode != 0:
+            raise EmulatorError(
+                f"compilation failed ({' '.join(cmd)}):\n{proc.stdout}{proc.stderr}")
+        os.replace(tmp_so, so_path)  # atomic publish
+    return so_path
