@@ -1,0 +1,61 @@
+"""What the core needs to know about an array, for NumPy and CuPy alike, without importing CuPy."""
+from __future__ import annotations
+
+import numpy as np
+
+from .dtypes import dtype_name
+
+
+def kind(a) -> str | None:
+    """'numpy', 'cupy', or None for anything else."""
+    if isinstance(a, np.ndarray):
+        return "numpy"
+    mod = type(a).__module__
+    if mod.startswith("cupy") and hasattr(a, "data") and hasattr(a, "device"):
+        return "cupy"
+    return None
+
+
+def device(a) -> str:
+    return "cpu" if kind(a) == "numpy" else f"cuda:{a.device.id}"
+
+
+def data_ptr(a) -> int:
+    return a.ctypes.data if kind(a) == "numpy" else a.data.ptr
+
+
+def writeable(a) -> bool:
+    return bool(a.flags.writeable) if kind(a) == "numpy" else True
+
+
+def name_of_dtype(a) -> str:
+    return dtype_name(a.dtype)
+
+
+def byte_span(a) -> tuple[int, int]:
+    """[start, end) of the bytes the array can touch, from its strides (negative ones included)."""
+    start = end = data_ptr(a)
+    for n, st in zip(a.shape, a.strides):
+        if n == 0:
+            return start, start
+        if st >= 0:
+            end += (n - 1) * st
+        else:
+            start += (n - 1) * st
+    return start, end + a.itemsize
+
+
+def overlaps(a, b) -> bool:
+    a0, a1 = byte_span(a)
+    b0, b1 = byte_span(b)
+    return a0 < b1 and b0 < a1 and a1 > a0 and b1 > b0
+
+
+def strided_view(a, shape, strides_elems):
+    """View of `a`'s buffer with the given shape/strides (in elements); never copies."""
+    strides = tuple(s * a.itemsize for s in strides_elems)
+    if kind(a) == "numpy":
+        return np.lib.stride_tricks.as_strided(a, shape=shape, strides=strides)
+    import cupy
+
+    return cupy.lib.stride_tricks.as_strided(a, shape=shape, strides=strides)

@@ -1,0 +1,51 @@
+"""Backend selection: CuPy arrays run on `cuda`; NumPy arrays on `numpy` (default) or
+`emulator`; the environment variable IABN_BACKEND sets the NumPy default."""
+from __future__ import annotations
+
+import os
+
+from .. import arrays
+
+NUMPY_BACKENDS = ("numpy", "emulator")
+_instances: dict[str, object] = {}
+
+
+def get(name: str):
+    """The process-wide backend object for `name` (created on first use)."""
+    b = _instances.get(name)
+    if b is None:
+        if name == "numpy":
+            from .numpy_backend import NumpyBackend
+
+            b = NumpyBackend()
+        elif name == "emulator":
+            from .emulator import EmulatorRuntime
+            from .kernel_backend import KernelBackend
+
+            b = KernelBackend(EmulatorRuntime())
+        elif name == "cuda":
+            from .cuda import CudaRuntime
+            from .kernel_backend import KernelBackend
+
+            b = KernelBackend(CudaRuntime())
+        else:
+            raise ValueError(f"backend must be 'cuda', 'numpy' or 'emulator', got {name!r}")
+        _instances[name] = b
+    return b
+
+
+def select(x, requested: str | None):
+    """Backend for array x, honouring an explicit request; errors name the `backend` argument."""
+    k = arrays.kind(x)
+    if k == "cupy":
+        if requested not in (None, "cuda"):
+            raise ValueError(f"backend={requested!r} cannot run CuPy arrays; use backend='cuda' "
+                             "or pass NumPy arrays")
+        return get("cuda")
+    name = requested or os.environ.get("IABN_BACKEND") or "numpy"
+    if name == "cuda":
+        raise ValueError("backend='cuda' needs CuPy arrays on a GPU; move the arrays with "
+                         "cupy.asarray(...) or choose backend='numpy' / 'emulator'")
+    if name not in NUMPY_BACKENDS:
+        raise ValueError(f"backend must be 'cuda', 'numpy' or 'emulator', got {name!r}")
+    return get(name)

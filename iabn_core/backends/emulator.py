@@ -1,0 +1,43 @@
+"""CPU runtime: the same kernels, compiled by the host compiler and run by iabn_core.emulator."""
+from __future__ import annotations
+
+from ..dtypes import numpy_dtype
+from ..instantiations import ModuleSpec
+from ..source import assembled
+
+import numpy as np
+
+# A deliberately small "device": few blocks per wave, so even modest test shapes split each
+# channel over several blocks and exercise the ordered merge of partials.
+EMULATED_SM_COUNT = 1
+
+
+class EmulatorRuntime:
+    name = "emulator"
+    null = None
+    sm_count = EMULATED_SM_COUNT
+
+    def __init__(self):
+        self._modules: dict[ModuleSpec, object] = {}
+        self.last_traffic: dict[str, tuple[int, int]] = {}
+
+    def ptr(self, a) -> int:
+        return a.ctypes.data
+
+    def empty(self, shape, dtype_name):
+        # NaN-filled rather than uninitialised so a kernel that reads what it never wrote shows up.
+        return np.full(shape, np.nan, dtype=numpy_dtype(dtype_name))
+
+    def function(self, spec: ModuleSpec, name: str):
+        from ..emulator import build_module
+
+        mod = self._modules.get(spec)
+        if mod is None:
+            mod = self._modules[spec] = build_module(assembled(spec.filename), list(spec.names))
+        kernel = mod.get_function(name)
+
+        def launch(grid, block, args):
+            kernel(grid, block, args)
+            self.last_traffic[name] = kernel.last_traffic
+
+        return launch

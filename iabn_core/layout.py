@@ -1,0 +1,45 @@
+"""Layout detection: collapse x of shape (N, C, *) to (N, C, S) or (N, S, C) from its strides.
+
+Only two memory orders are handled natively (see kernels/layout.cuh). Anything else is an
+error, never a silent copy: the operation writes its output into x's own memory.
+"""
+from __future__ import annotations
+
+import math
+
+from .arrays import strided_view
+
+
+def _matches(shape, strides, order) -> bool:
+    """True if dims taken in `order` (outermost first) are densely packed; size-1 dims are free."""
+    expected = 1
+    for d in reversed(order):
+        if shape[d] != 1 and strides[d] != expected:
+            return False
+        expected *= shape[d]
+    return True
+
+
+def detect(shape, strides_bytes, itemsize) -> str | None:
+    """'ncs', 'nsc', or None. S == 1 reports 'nsc' (the two orders coincide)."""
+    if any(s % itemsize for s in strides_bytes):
+        return None
+    strides = [s // itemsize for s in strides_bytes]
+    nd = len(shape)
+    s = math.prod(shape[2:])
+    if s == 1 and _matches(shape, strides, list(range(nd))):
+        return "nsc"
+    if _matches(shape, strides, list(range(nd))):
+        return "ncs"
+    if _matches(shape, strides, [0] + list(range(2, nd)) + [1]):
+        return "nsc"
+    return None
+
+
+def view3(a, layout: str):
+    """The (N, C, S) or (N, S, C) view the kernels see; shares memory with `a`."""
+    n, c = a.shape[0], a.shape[1]
+    s = math.prod(a.shape[2:])
+    if layout == "ncs":
+        return strided_view(a, (n, c, s), (c * s, s, 1))
+    return strided_view(a, (n, s, c), (c * s, c, 1))

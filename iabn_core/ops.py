@@ -1,0 +1,93 @@
+"""Buffer-level InPlace-ABN: validates, picks the backend, runs the stages in order.
+
+The adapters (iabn.cupy, iabn.torch) are thin wrappers over `forward` and `backward` here.
+Synchronized BN passes a communicator `comm` with
+  all_gather(array (3, C)) -> array (R, 3, C)    replicas' (count, mean, var), in rank order
+  all_reduce(array (2, C)) -> array (2, C)       summed over replicas
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import backends as _backends
+from . import validate
+from .backends.base import Problem
+from .layout import view3
+
+
+@dataclass
+class Context:
+    """What backward needs from forward: per-channel state only (the output is passed back in).
+
+    stats rows: count, mean, biased var, inverse std, in the accumulator dtype.
+    """
+
+    prob: Problem
+    layout: str
+    shape: tuple
+    backend: Any
+    stats: Any
+    weight: Any
+    bias: Any
+    training: bool
+    like: Any  # an array of the forward's kind/device, for backward's checks
+    comm: Any = None
+
+    @property
+    def mean(self):
+        return self.stats[1]
+
+    @property
+    def var(self):
+        return self.stats[2]
+
+    @property
+    def invstd(self):
+        return self.stats[3]
+
+    @property
+    def count(self) -> int:
+        """Values per channel the statistics were computed over (all replicas when synced)."""
+        return self._count if hasattr(self, "_count") else self.prob.count
+
+
+def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *, training=True,
+            momentum=0.1, eps=1e-5, activation="leaky_relu", activation_param=0.01,
+            backend=None, comm=None) -> Context:
+    prob, layout = validate.problem(
+        x, weight, bias, running_mean, running_var, training=training, momentum=momentum,
+        eps=eps, activation=activation, activation_param=activation_param,
+        min_count=0 if comm is not None else 2)
+    be = _backends.select(x, backend)
+    x3 = view3(x, layout)
+    if training:
+        partials = be.batch_stats(prob, x3)
+        if comm is not None:
+            partials = comm.all_gather(be.merge_stats(prob, partials))
+        stats = be.finalize(prob, partials, running_mean, running_var, momentum, True)
+    else:
+        stats = be.finalize(prob, None, running_mean, running_var, momentum, False)
+    if prob.count:
+        be.forward(prob, x3, stats, weight, bias)
+    return Context(prob, layout, tuple(x.shape), be, stats, weight, bias, training, x, comm)
+
+
+def backward(ctx: Context, z, dz):
+    """Returns (dx, dweight, dbias); dx is dz's buffer, overwritten. z is left unchanged."""
+    if not isinstance(ctx, Context):
+        raise validate.IABNError(f"ctx must be the Context returned by forward, got "
+                                 f"{type(ctx).__name__}")
+    validate.backward_buffers(ctx, z, dz)
+    prob, be = ctx.prob, ctx.backend
+    z3, dz3 = view3(z, ctx.layout), view3(dz, ctx.layout)
+    sums = dweight = dbias = None
+    if ctx.training or prob.has_weight or prob.has_bias:
+        partial = be.backward_reduce(prob, z3, dz3, ctx.stats, ctx.weight, ctx.bias)
+        sums, dweight, dbias = be.backward_finalize(prob, partial, ctx.weight, ctx.bias)
+        if ctx.comm is not None and ctx.training:
+            sums = ctx.comm.all_reduce(sums)
+    if prob.count:
+        be.backward_elementwise(prob, z3, dz3, ctx.stats, sums, ctx.weight, ctx.bias,
+                                ctx.training)
+    return dz, dweight, dbias
