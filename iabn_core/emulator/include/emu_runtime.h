@@ -72,6 +72,7 @@ static unsigned err_thread_list(Pred pred) {
     }
     i = j;
   }
+  if (!count) err_append("none");
   return count;
 }
 
