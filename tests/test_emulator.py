@@ -142,6 +142,9 @@ __global__ void atomic_kernel(float* f, int* i, unsigned long long* u, double* d
   atomicAdd(f, 1.5f); atomicAdd(i, 2); atomicAdd(u, 3ull); atomicAdd(d, 0.25);
   atomicMax(mx, (int)threadIdx.x); atomicMin(mx + 1, -(int)threadIdx.x);
   if (threadIdx.x == 0) printf("emulator printf %d\n", 42);
+  int c = __syncthreads_count(threadIdx.x % 5 == 0);
+  int a = __syncthreads_and(threadIdx.x < 100), o = __syncthreads_or(threadIdx.x == 49);
+  if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0) { mx[2] = c; mx[3] = a + 2 * o; }
 }
 '''
 SHFL_TYPES = {"float": np.float32, "double": np.float64, "int": np.int32, "unsigned int": np.uint32,
@@ -201,11 +204,23 @@ def test_vote_and_atomics(shfl_mod, capfd):
     assert (ballot[:32] == 1 << 3).all() and (ballot[32:] == 0xFFFFFFFD).all()
     assert (anyv == 1).all() and (allv == 0).all()
     f, i, u = np.zeros(1, np.float32), np.zeros(1, np.int32), np.zeros(1, np.uint64)
-    d, mx = np.zeros(1, np.float64), np.zeros(2, np.int32)
+    d, mx = np.zeros(1, np.float64), np.zeros(4, np.int32)
     shfl_mod.get_function("atomic_kernel")((2, 2), 50, (f, i, u, d, mx))
     assert (f[0], i[0], u[0], d[0]) == (300.0, 400, 600, 50.0)
-    assert list(mx) == [49, -49]
+    assert list(mx) == [49, -49, 10, 3]
     assert "emulator printf 42" in capfd.readouterr().out
+
+
+def test_ucontext_fallback(monkeypatch):
+    # The portable swapcontext path (used off x86_64) must behave identically.
+    monkeypatch.setenv("IABN_EMULATOR_UCONTEXT", "1")
+    mod = build_module(REDUCE_SRC, REDUCE_NAMES[:1])
+    x = np.arange(3000, dtype=np.float32)
+    for reverse in (False, True):
+        out = np.zeros(3, np.float32)
+        with options(reverse=reverse):
+            mod.get_function(REDUCE_NAMES[0])(3, 256, (x, out, i64(x.size)))
+        assert out.sum() == x.sum()
 
 
 # ------------------------------------ dynamic shared memory, 3-D indices ---

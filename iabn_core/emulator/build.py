@@ -53,7 +53,12 @@ def _headers_digest() -> str:
 
 
 def flags_for(asan: bool) -> list[str]:
-    return BASE_FLAGS + (ASAN_FLAGS if asan else [])
+    flags = BASE_FLAGS + (ASAN_FLAGS if asan else [])
+    # The portable swapcontext fallback is used automatically off x86_64;
+    # this lets it be exercised (and tested) on x86_64 too.
+    if os.environ.get("IABN_EMULATOR_UCONTEXT", "") not in ("", "0"):
+        flags = flags + ["-DIABN_EMU_FORCE_UCONTEXT"]
+    return flags
 
 
 def _wrappers(name_expressions: list[str]) -> str:

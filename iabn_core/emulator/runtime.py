@@ -130,7 +130,7 @@ class Kernel:
         keep.append(buf)
         return buf.ctypes.data
 
-    def __call__(self, grid, block, args, shared_mem=0, **_ignored):
+    def __call__(self, grid, block, args, shared_mem=0):
         g, b = _dim3(grid, "grid"), _dim3(block, "block")
         nthreads = b[0] * b[1] * b[2]
         if nthreads > 1024 or b[0] > 1024 or b[1] > 1024 or b[2] > 64:

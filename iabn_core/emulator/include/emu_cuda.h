@@ -67,7 +67,7 @@ static inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; 
 namespace iabn_emu {
 
 enum State { RUNNABLE, AT_BARRIER, AT_WARP, DONE, TRAPPED };
-enum Op { OP_SYNCTHREADS, OP_SYNCWARP, OP_SHFL_IDX, OP_SHFL_UP, OP_SHFL_DOWN, OP_SHFL_XOR,
+enum Op { OP_SYNCTHREADS, OP_SYNCTHREADS_COUNT, OP_SYNCTHREADS_AND, OP_SYNCTHREADS_OR, OP_SYNCWARP, OP_SHFL_IDX, OP_SHFL_UP, OP_SHFL_DOWN, OP_SHFL_XOR,
           OP_BALLOT, OP_ANY, OP_ALL, OP_TRAP };
 
 struct Thread {

@@ -42,6 +42,9 @@ __attribute__((format(printf, 1, 2))) static void err_append(const char* fmt, ..
 static const char* op_name(int op) {
   switch (op) {
     case OP_SYNCTHREADS: return "__syncthreads()";
+    case OP_SYNCTHREADS_COUNT: return "__syncthreads_count()";
+    case OP_SYNCTHREADS_AND: return "__syncthreads_and()";
+    case OP_SYNCTHREADS_OR: return "__syncthreads_or()";
     case OP_SYNCWARP: return "__syncwarp()";
     case OP_SHFL_IDX: return "__shfl_sync()";
     case OP_SHFL_UP: return "__shfl_up_sync()";
@@ -224,6 +227,9 @@ struct Site {
   const char* file;
   int line;
   void syncthreads() const { wait_here(AT_BARRIER, OP_SYNCTHREADS, file, line, 0, 0, 0, 0); }
+  int syncthreads_count(int p) const { return (int)wait_here(AT_BARRIER, OP_SYNCTHREADS_COUNT, file, line, 0, p != 0, 0, 0); }
+  int syncthreads_and(int p) const { return (int)wait_here(AT_BARRIER, OP_SYNCTHREADS_AND, file, line, 0, p != 0, 0, 0); }
+  int syncthreads_or(int p) const { return (int)wait_here(AT_BARRIER, OP_SYNCTHREADS_OR, file, line, 0, p != 0, 0, 0); }
   void syncwarp(unsigned mask = 0xffffffffu) const {
     wait_here(AT_WARP, OP_SYNCWARP, file, line, mask, 0, 0, 0);
   }
@@ -321,7 +327,14 @@ static int run_block() {
     }
     if (live == 0) return 0;
     if (live == n && at_bar == n && same) {
-      for (unsigned i = 0; i < n; ++i) g_threads[i].state = RUNNABLE;
+      unsigned long long cnt = 0;
+      for (unsigned i = 0; i < n; ++i) cnt += g_threads[i].val != 0;
+      unsigned long long res = first->op == OP_SYNCTHREADS_AND ? cnt == n
+                             : first->op == OP_SYNCTHREADS_OR ? cnt != 0 : cnt;
+      for (unsigned i = 0; i < n; ++i) {
+        g_threads[i].result = res;
+        g_threads[i].state = RUNNABLE;
+      }
       continue;
     }
     g_stacks_dirty = true;
@@ -442,6 +455,9 @@ static const char* signature(void (*)(P...)) {
 // ------------------------------------------------ intrinsic entry points ---
 #define IABN_EMU_SITE (::iabn_emu::Site{__FILE__, __LINE__})
 #define __syncthreads IABN_EMU_SITE.syncthreads
+#define __syncthreads_count IABN_EMU_SITE.syncthreads_count
+#define __syncthreads_and IABN_EMU_SITE.syncthreads_and
+#define __syncthreads_or IABN_EMU_SITE.syncthreads_or
 #define __syncwarp IABN_EMU_SITE.syncwarp
 #define __shfl_sync IABN_EMU_SITE.shfl_sync
 #define __shfl_up_sync IABN_EMU_SITE.shfl_up_sync
