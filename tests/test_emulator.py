@@ -565,7 +565,7 @@ def test_asan_requires_preload():
 @pytest.mark.skipif(not asan_loaded(), reason="needs libasan preloaded: ASAN_OPTIONS=detect_leaks=0 "
                     "LD_PRELOAD=$(g++ -print-file-name=libasan.so) python -m pytest ...")
 def test_asan_build_runs_clean():
-    mod = build_module(REDUCE_SRC + HANG_SRC.replace(HEADER, ""), REDUCE_NAMES[:1] + ["early_return"],
+    mod = build_module(REDUCE_SRC + HANG_SRC.replace(HEADER, ""), REDUCE_NAMES[:1] + ["early_return", "traps"],
                        asan=True)
     x = np.ones(5000, np.float32)
     out = np.zeros(2, np.float32)
@@ -575,6 +575,7 @@ def test_asan_build_runs_clean():
             k(2, 256, (x, out, i64(x.size)))
     with pytest.raises(EmulatorError):  # aborted launch abandons fiber stacks ...
         mod.get_function("early_return")(1, 64, (np.zeros(64, np.float32),))
+    mod.get_function("traps")(1, 8, (np.zeros(1, np.int32),))  # reuses only 8 of them
     k(2, 256, (x, out, i64(x.size)))  # ... which must not cause false reports
     assert out.sum() == 5000
 

@@ -136,4 +136,5 @@ unsigned char iabn_emu_dyn_smem[iabn_emu::kMaxDynSmem];
 #include "cuda_fp16.h"
 #include "cuda_bf16.h"
 #include "emu_runtime.h"
+#include "emu_launch.h"
 #include "emu_math.h"
