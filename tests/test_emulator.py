@@ -469,6 +469,13 @@ def test_bad_warp_collectives(hang_mod, name, block, expect):
         assert e in str(ei.value)
 
 
+def test_bad_shuffle_width(shfl_mod):
+    v = np.zeros(64, np.int32)
+    with pytest.raises(EmulatorError, match="width 12 .* not a power of two"):
+        shfl_mod.get_function("shfl_kernel<int>")(1, 64, (v, v.copy(), np.int32(0), np.int32(1),
+                                                         np.int32(12)))
+
+
 def test_trap(hang_mod):
     with pytest.raises(EmulatorError, match=r"__trap\(\) called at kernels/test_hang.cuh:33 by "
                                             r"thread 3 .*block \(1,0,0\)"):
@@ -552,6 +559,23 @@ def test_cache_hit_does_not_recompile():
     assert (x == os.getpid()).all()
     assert len(list(emu_build.cache_dir().glob("*.so"))) >= 1
     assert not list(emu_build.cache_dir().glob("build-*"))  # temp dirs cleaned
+
+
+def test_parallel_processes_share_the_cache(tmp_path):
+    code = textwrap.dedent("""
+        import numpy as np
+        from iabn_core.emulator import build_module
+        m = build_module('__global__ void par(int* x) { x[threadIdx.x] = 5; }', ['par'])
+        x = np.zeros(3, np.int32); m.get_function('par')(1, 3, (x,)); print(x.sum())
+    """)
+    env = dict(os.environ, IABN_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    assert [o.strip() for o in outs] == ["15"] * 3, outs
+    assert len(list((tmp_path / "emulator").glob("*.so"))) == 1
+    assert not list((tmp_path / "emulator").glob("build-*"))
 
 
 # ------------------------------------------------------------- ASan ---

@@ -42,6 +42,7 @@
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
+#define __constant__  // plain (host-initialised) global in the emulator
 // The Python front end rewrites `__shared__ T x[N];` into a static plus a
 // registration (so the runtime can re-poison it before every block) and
 // `extern __shared__ T x[];` into an alias of the dynamic buffer.  This

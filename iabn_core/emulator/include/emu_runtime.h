@@ -158,12 +158,15 @@ static int resolve_warps() {
         return -1;
       }
       if (!complete) continue;
-      if ((t.op == OP_SHFL_IDX || t.op == OP_SHFL_UP || t.op == OP_SHFL_DOWN || t.op == OP_SHFL_XOR) &&
-          (t.width < 1 || t.width > 32 || (t.width & (t.width - 1)))) {
-        g_errlen = 0;
-        err_append("%s at %s:%d: width %d is not a power of two in [1, 32]", op_name(t.op), t.file,
-                   t.line, t.width);
-        return -1;
+      bool shfl = t.op == OP_SHFL_IDX || t.op == OP_SHFL_UP || t.op == OP_SHFL_DOWN || t.op == OP_SHFL_XOR;
+      for (unsigned k = 0; k < nlanes && shfl; ++k) {
+        int w = g_threads[base + k].width;
+        if ((m >> k & 1u) && (w < 1 || w > 32 || (w & (w - 1)))) {
+          g_errlen = 0;
+          err_append("%s at %s:%d: width %d (lane %u) is not a power of two in [1, 32]",
+                     op_name(t.op), t.file, t.line, w, k);
+          return -1;
+        }
       }
       unsigned ballot = 0;
       for (unsigned k = 0; k < nlanes; ++k)
