@@ -13,19 +13,25 @@
 
 namespace iabn {
 
-// Per-channel constants of the inversion y -> xhat.
-template <class Acc, class P> struct Affine {
-  Acc gamma, inv_gamma, shift;
-  __device__ __forceinline__ void load_channel(const P* weight, const P* bias, Acc eps, long long c) {
-    gamma = weight ? acc_abs(to_acc<Acc>(load(weight + c))) + eps : Acc(1);
-    inv_gamma = Acc(1) / gamma;
-    shift = load_or<Acc>(bias, c, Acc(0));
-  }
+// Per-channel constants of the backward pass. `scale`, `mean_dy` and `mean_dy_xhat` are only
+// used by the elementwise kernel.
+template <class Acc> struct BackwardCoef {
+  Acc gamma, inv_gamma, shift, scale, mean_dy, mean_dy_xhat;
 };
 
+template <class Acc, class P>
+__device__ __forceinline__ BackwardCoef<Acc> affine_of(const P* weight, const P* bias, Acc eps, long long c) {
+  BackwardCoef<Acc> k;
+  k.gamma = weight ? acc_abs(to_acc<Acc>(load(weight + c))) + eps : Acc(1);
+  k.inv_gamma = Acc(1) / k.gamma;
+  k.shift = load_or<Acc>(bias, c, Acc(0));
+  k.scale = k.mean_dy = k.mean_dy_xhat = Acc(0);
+  return k;
+}
+
 // (dy, xhat) of one element, recovered from its output and output-gradient.
-template <class Act, class Acc, class P>
-__device__ __forceinline__ void recover(Acc z, Acc dz, const Affine<Acc, P>& a, Acc p, Acc& dy, Acc& xhat) {
+template <class Act, class Acc>
+__device__ __forceinline__ void recover(Acc z, Acc dz, const BackwardCoef<Acc>& a, Acc p, Acc& dy, Acc& xhat) {
   dy = dz * Act::derivative(z, p);
   xhat = (Act::inverse(z, p) - a.shift) * a.inv_gamma;
 }
@@ -40,14 +46,10 @@ iabn_backward_reduce(const T* __restrict__ z, const T* __restrict__ dz, iabn::ac
   using namespace iabn;
   typedef acc_t<T> Acc;
   constexpr int CH = Layout::template channels_per_thread<VEC>();
-  Affine<Acc, P> aff[CH];
+  BackwardCoef<Acc> aff[CH];
   SumPair<Acc> acc[CH];
-  long long c0;
-  const bool owns = Layout::template thread_channel<VEC>(C, c0);
-  for (int k = 0; k < CH; ++k) {
-    acc[k] = SumPair<Acc>::identity();
-    if (owns) aff[k].load_channel(weight, bias, eps, c0 + k);
-  }
+  for (int k = 0; k < CH; ++k) acc[k] = SumPair<Acc>::identity();
+  Layout::channel_constants(C, aff, [&](long long c) { return affine_of<Acc>(weight, bias, eps, c); });
 
   Layout::template for_each_vector<VEC>(N, C, S, seg, [&](long long off) {
     const Vec<T, VEC> zv = load_vec<VEC>(z + off);
@@ -97,25 +99,18 @@ iabn_backward_elementwise(const T* __restrict__ z, T* __restrict__ dz, const iab
   using namespace iabn;
   typedef acc_t<T> Acc;
   constexpr int CH = Layout::template channels_per_thread<VEC>();
-  long long c0;
-  if (!Layout::template thread_channel<VEC>(C, c0)) return;  // no barrier below: safe to leave
-
-  Affine<Acc, P> aff[CH];
-  Acc scale[CH], mean_dy[CH], mean_dy_xhat[CH];
-  for (int k = 0; k < CH; ++k) {
-    const long long c = c0 + k;
-    aff[k].load_channel(weight, bias, eps, c);
-    scale[k] = aff[k].gamma * load(stats + 3 * C + c);
+  BackwardCoef<Acc> aff[CH];
+  Layout::channel_constants(C, aff, [&](long long c) {
+    BackwardCoef<Acc> k = affine_of<Acc>(weight, bias, eps, c);
+    k.scale = k.gamma * load(stats + 3 * C + c);
     if (training) {
       // The count row of stats is the global count m (replicas included for synchronized BN).
       const Acc inv_m = Acc(1) / load(stats + c);
-      mean_dy[k] = load(sums + c) * inv_m;
-      mean_dy_xhat[k] = load(sums + C + c) * inv_m;
-    } else {
-      mean_dy[k] = Acc(0);
-      mean_dy_xhat[k] = Acc(0);
+      k.mean_dy = load(sums + c) * inv_m;
+      k.mean_dy_xhat = load(sums + C + c) * inv_m;
     }
-  }
+    return k;
+  });
 
   Layout::template for_each_vector<VEC>(N, C, S, seg, [&](long long off) {
     const Vec<T, VEC> zv = load_vec<VEC>(z + off);
@@ -125,7 +120,8 @@ iabn_backward_elementwise(const T* __restrict__ z, T* __restrict__ dz, const iab
       const int s = Layout::slot(k);
       Acc dy, xhat;
       recover<Act>(to_acc<Acc>(zv.v[k]), to_acc<Acc>(gv.v[k]), aff[s], act_param, dy, xhat);
-      gv.v[k] = Cast<T>::from(scale[s] * (dy - mean_dy[s] - xhat * mean_dy_xhat[s]));
+      const BackwardCoef<Acc>& a = aff[s];
+      gv.v[k] = Cast<T>::from(a.scale * (dy - a.mean_dy - xhat * a.mean_dy_xhat));
     }
     store_vec<VEC>(dz + off, gv);
   });

@@ -4,6 +4,10 @@
 #include "common.cuh"
 #include "layout.cuh"
 
+namespace iabn {
+template <class Acc> struct ForwardCoef { Acc mean, scale, shift; };
+}
+
 template <class T, class P, class Act, class Layout, int VEC>
 __global__ void __launch_bounds__(iabn::kBlockThreads)
 iabn_forward(T* __restrict__ x, const iabn::acc_t<T>* __restrict__ stats, const P* __restrict__ weight,
@@ -12,24 +16,19 @@ iabn_forward(T* __restrict__ x, const iabn::acc_t<T>* __restrict__ stats, const 
   using namespace iabn;
   typedef acc_t<T> Acc;
   constexpr int CH = Layout::template channels_per_thread<VEC>();
-  long long c0;
-  if (!Layout::template thread_channel<VEC>(C, c0)) return;  // no barrier below: safe to leave
-
-  Acc mean[CH], scale[CH], shift[CH];
-  for (int k = 0; k < CH; ++k) {
-    const long long c = c0 + k;
+  ForwardCoef<Acc> coef[CH];
+  Layout::channel_constants(C, coef, [&](long long c) {
     const Acc gamma = weight ? acc_abs(to_acc<Acc>(load(weight + c))) + eps : Acc(1);
-    mean[k] = load(stats + C + c);
-    scale[k] = gamma * load(stats + 3 * C + c);
-    shift[k] = load_or<Acc>(bias, c, Acc(0));
-  }
+    return ForwardCoef<Acc>{load(stats + C + c), gamma * load(stats + 3 * C + c),
+                            load_or<Acc>(bias, c, Acc(0))};
+  });
 
   Layout::template for_each_vector<VEC>(N, C, S, seg, [&](long long off) {
     Vec<T, VEC> v = load_vec<VEC>(x + off);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const int s = Layout::slot(k);
-      const Acc y = (to_acc<Acc>(v.v[k]) - mean[s]) * scale[s] + shift[s];
+      const ForwardCoef<Acc>& cf = coef[Layout::slot(k)];
+      const Acc y = (to_acc<Acc>(v.v[k]) - cf.mean) * cf.scale + cf.shift;
       v.v[k] = Cast<T>::from(Act::forward(y, act_param));
     }
     store_vec<VEC>(x + off, v);

@@ -14,6 +14,7 @@
 //   slot(k)                      which accumulator element k of a vector feeds
 //   thread_channel<VEC>(C, c0)   first channel of this thread, false if it owns none
 //   for_each_vector<VEC>(...)    calls f(offset) for every VEC-vector the thread owns
+//   channel_constants(C, out, make)  out[k] = make(channel k of the thread), built once a block
 //   reduce_block(acc, C, store)  block-wide merge per channel, then store(k, channel, value)
 #pragma once
 #include "common.cuh"
@@ -49,6 +50,17 @@ struct LayoutNCS {
       const long long end = ts * seg + seg < sv ? ts * seg + seg : sv;
       for (long long j = ts * seg + threadIdx.x; j < end; j += blockDim.x) f(row + j * VEC);
     }
+  }
+
+  // Per-channel constants (scale, shift, ...) built once per block by thread 0 and broadcast
+  // through shared memory: global loads of parameters/statistics stay O(blocks), not O(threads).
+  // Contains a barrier: every thread of the block must call it.
+  template <int CH, class Coef, class Make>
+  __device__ __forceinline__ static void channel_constants(long long, Coef (&out)[CH], Make&& make) {
+    __shared__ Coef shared;
+    if (threadIdx.x == 0 && threadIdx.y == 0) shared = make((long long)blockIdx.x);
+    __syncthreads();
+    out[0] = shared;
   }
 
   // Whole block -> one value: shuffle tree per warp, then warp 0 folds the per-warp results.
@@ -90,6 +102,20 @@ struct LayoutNSC {
     const long long stride = (long long)gridDim.y * blockDim.y;
     for (long long r = (long long)blockIdx.y * blockDim.y + threadIdx.y; r < rows; r += stride)
       f(r * C + c0);
+  }
+
+  // Row 0 builds the constants of the block's blockDim.x * CH channels; everyone reads them
+  // back from shared memory. Contains a barrier: every thread of the block must call it.
+  template <int CH, class Coef, class Make>
+  __device__ __forceinline__ static void channel_constants(long long C, Coef (&out)[CH], Make&& make) {
+    __shared__ Coef shared[kBlockThreads];  // blockDim.x <= 32 and CH <= 8 (16-byte vectors)
+    long long c0;
+    const bool owns = thread_channel<CH>(C, c0);
+    if (threadIdx.y == 0 && owns)
+      for (int k = 0; k < CH; ++k) shared[threadIdx.x * CH + k] = make(c0 + k);
+    __syncthreads();
+    if (owns)
+      for (int k = 0; k < CH; ++k) out[k] = shared[threadIdx.x * CH + k];
   }
 
   // Per channel over threadIdx.y: a shared-memory tree (blockDim.y is a power of two), then

@@ -1,11 +1,11 @@
 """CPU runtime: the same kernels, compiled by the host compiler and run by iabn_core.emulator."""
 from __future__ import annotations
 
+import numpy as np
+
 from ..dtypes import numpy_dtype
 from ..instantiations import ModuleSpec
 from ..source import assembled
-
-import numpy as np
 
 # A deliberately small "device": few blocks per wave, so even modest test shapes split each
 # channel over several blocks and exercise the ordered merge of partials.
@@ -19,7 +19,7 @@ class EmulatorRuntime:
 
     def __init__(self):
         self._modules: dict[ModuleSpec, object] = {}
-        self.last_traffic: dict[str, tuple[int, int]] = {}
+        self.traffic = [0, 0]  # global bytes (loaded, stored) over all launches; tests reset it
 
     def ptr(self, a) -> int:
         return a.ctypes.data
@@ -38,6 +38,8 @@ class EmulatorRuntime:
 
         def launch(grid, block, args):
             kernel(grid, block, args)
-            self.last_traffic[name] = kernel.last_traffic
+            loaded, stored = kernel.last_traffic
+            self.traffic[0] += loaded
+            self.traffic[1] += stored
 
         return launch

@@ -1,0 +1,130 @@
+"""Every kernel stage x dtype x layout x activation x mode against the float64 closed form,
+on every backend (the emulator runs the exact .cu sources; cuda when a GPU is present)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import ALL_BACKENDS, KERNEL_BACKENDS
+from iabn_core import backends, ops, verify
+from iabn_core.dtypes import PAIRS
+
+CASES = verify.matrix()
+
+
+def report(result) -> str:
+    bad = [c for c in result.checks if not c.passed]
+    return "; ".join(f"{c.stage}: rel {c.max_rel:.2e} > tol {c.tol:.0e} (abs {c.max_abs:.2e})"
+                     for c in bad)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_every_stage_matches_reference(backend, case):
+    result = verify.run_case(case, backend)
+    assert result.checks, "no stage was checked"
+    assert result.passed, report(result)
+
+
+def test_a_planted_kernel_bug_is_caught(monkeypatch):
+    """The comparison can fail: a sign flip of the bias in the real forward kernel is found."""
+    from iabn_core import source
+
+    original = source.assembled
+
+    def planted(filename):
+        src = original(filename)
+        if filename == "forward.cu":
+            assert "* cf.scale + cf.shift" in src
+            src = src.replace("* cf.scale + cf.shift", "* cf.scale - cf.shift")
+        return src
+
+    monkeypatch.setattr("iabn_core.backends.emulator.assembled", planted)
+    monkeypatch.setattr(backends, "_instances", {})
+    case = verify.Case(PAIRS[0], "ncs", "identity", True, (2, 3, 8))
+    result = verify.run_case(case, "emulator")
+    failed = {c.stage for c in result.checks if not c.passed}
+    assert "forward z" in failed
+
+
+def _full_step(backend, x, dz, w, b, rm, rv, training=True):
+    ctx = ops.forward(x, w, b, rm, rv, training=training, activation="elu",
+                      activation_param=0.5, backend=backend)
+    dx, dw, db = ops.backward(ctx, x, dz)
+    return ctx, dx, dw, db
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+def test_bitwise_deterministic(backend, layout):
+    """Two runs give identical bits (fixed-order merges, no float atomics); shapes chosen so
+    that each channel is split over several blocks."""
+    case = verify.Case(PAIRS[2], layout, "elu", True, (3, 2, 37, 29))
+    host = verify.Host(backend)
+    outs = []
+    for _ in range(2):
+        x, dz, w, b, rm, rv = (host.put(a) for a in verify.make_inputs(case, seed=5))
+        ctx, dx, dw, db = _full_step(backend, x, dz, w, b, rm, rv)
+        outs.append([host.get(a).tobytes() for a in (x, ctx.stats, dx, dw, db, rm, rv)])
+    assert outs[0] == outs[1]
+
+
+def _emulator_traffic(fn):
+    rt = backends.get("emulator").rt
+    rt.traffic[:] = [0, 0]
+    be = backends.get("emulator")
+    n0 = be.launches
+    fn()
+    return tuple(rt.traffic), be.launches - n0
+
+
+@pytest.mark.parametrize("pair", [PAIRS[0], PAIRS[2]], ids=lambda p: p.key)
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_global_traffic_and_launch_budget(pair, layout, training):
+    """Forward <= 2 reads + 1 write of the tensor, backward <= 4 reads + 1 write, plus O(C);
+    3 launches per training forward/backward, 2 for eval forward."""
+    case = verify.Case(pair, layout, "leaky_relu", training, (4, 8, 16, 16))
+    x, dz, w, b, rm, rv = verify.make_inputs(case, seed=1)
+    nbytes = x.nbytes
+    # Per-channel constants are loaded once per block (kernels/layout.cuh channel_constants) and
+    # partials are one row per block: O(C * G) bytes besides the tensor itself.
+    from iabn_core import plan, validate
+
+    prob, _ = validate.problem(x, w, b, rm, rv, training=training, momentum=0.1, eps=1e-5,
+                               activation="leaky_relu", activation_param=0.01)
+    g = plan.elementwise(prob, plan.choose_vec(prob, [x.ctypes.data]), 1).g
+    per_channel = (g + 4) * case.shape[1] * 8 * 8
+    holder = {}
+    (ld, st), launches = _emulator_traffic(lambda: holder.setdefault("ctx", ops.forward(
+        x, w, b, rm, rv, training=training, backend="emulator")))
+    reads = 2 if training else 1
+    assert nbytes * reads <= ld <= nbytes * reads + per_channel
+    assert nbytes <= st <= nbytes + per_channel
+    assert launches == (3 if training else 2)
+
+    (ld, st), launches = _emulator_traffic(lambda: ops.backward(holder["ctx"], x, dz))
+    assert 4 * nbytes <= ld <= 4 * nbytes + per_channel
+    assert nbytes <= st <= nbytes + per_channel
+    assert launches == 3
+
+
+def test_eval_backward_without_parameters_is_one_launch():
+    case = verify.Case(PAIRS[0], "ncs", "identity", False, (2, 3, 8), affine=False)
+    x, dz, _, _, rm, rv = verify.make_inputs(case)
+    ctx = ops.forward(x, None, None, rm, rv, training=False, backend="emulator")
+    (ld, st), launches = _emulator_traffic(lambda: ops.backward(ctx, x, dz))
+    assert launches == 1 and ld <= 2 * x.nbytes + 64 * 3 * 8
+
+
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+def test_reverse_thread_order_gives_the_same_results(layout):
+    """Threads run in reverse order within each scheduling round: a missing barrier would read
+    unwritten (NaN-poisoned) shared memory in one of the two orders."""
+    from iabn_core.emulator import options
+
+    for pair in (PAIRS[0], PAIRS[1], PAIRS[4]):
+        case = verify.Case(pair, layout, "leaky_relu", True, (3, 16, 5, 7))
+        with options(reverse=True):
+            result = verify.run_case(case, "emulator")
+        assert result.passed, report(result)
