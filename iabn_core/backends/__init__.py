@@ -35,7 +35,13 @@ def get(name: str):
 
 
 def select(x, requested: str | None):
-    """Backend for array x, honouring an explicit request; errors name the `backend` argument."""
+    """Backend for array x, honouring an explicit request; errors name the `backend` argument.
+
+    `requested` may also be a backend object, used as is: the torch adapter passes a
+    KernelBackend whose CUDA workspaces come from torch's caching allocator.
+    """
+    if requested is not None and not isinstance(requested, str):
+        return requested
     k = arrays.kind(x)
     if k == "cupy":
         if requested not in (None, "cuda"):

@@ -1,0 +1,17 @@
+"""Drop-in InPlace-ABN for PyTorch: switch from the official package by changing one import.
+
+    from iabn.torch import InPlaceABN, InPlaceABNSync, ABN, inplace_abn, inplace_abn_sync
+
+CPU tensors run the `numpy` backend zero-copy (the CUDA kernels in the CPU `emulator` when
+IABN_BACKEND=emulator); CUDA tensors run the CUDA kernels through DLPack on torch's current
+stream, with workspaces from torch's allocator. Works with torch.compile(fullgraph=True),
+torch.autocast (float16/bfloat16 inputs with float32 parameters) and channels_last.
+`convert_model`, `from_batchnorm` and `to_batchnorm` convert to and from torch.nn.BatchNorm.
+"""
+from .torch_modules import (ABN, IABNConversionWarning, InPlaceABN, InPlaceABNSync,
+                            convert_model, from_batchnorm, to_batchnorm)
+from .torch_ops import IABNError, SyncFallbackWarning, inplace_abn, inplace_abn_sync
+
+__all__ = ["ABN", "InPlaceABN", "InPlaceABNSync", "inplace_abn", "inplace_abn_sync",
+           "convert_model", "from_batchnorm", "to_batchnorm", "IABNError",
+           "IABNConversionWarning", "SyncFallbackWarning"]

@@ -1,0 +1,346 @@
+"""Modules (ABN, InPlaceABN, InPlaceABNSync) and conversion to and from torch.nn.BatchNorm.
+
+Names, arguments, defaults and state_dict keys follow the official `inplace_abn` package, so
+switching is a one-line import change and its checkpoints load unchanged. Like the official
+package, ABN uses `weight` as the BN scale directly, while the in-place modules use
+gamma = |weight| + eps (a scale that is never 0 keeps the affine map invertible).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from iabn_core.activations import check_activation
+from iabn_core.validate import IABNError
+
+from .torch_ops import inplace_abn, inplace_abn_sync
+
+__all__ = ["ABN", "InPlaceABN", "InPlaceABNSync", "convert_model", "from_batchnorm",
+           "to_batchnorm", "IABNConversionWarning"]
+
+# ABN does not invert its activation, so it also takes relu; in-place modules cannot.
+_ABN_ACTIVATIONS = ("relu", "leaky_relu", "elu", "identity")
+
+
+class IABNConversionWarning(UserWarning):
+    """A BatchNorm could not be converted exactly (or was left as it is)."""
+
+
+class ABN(nn.Module):
+    """Activated batch norm: BatchNorm followed by an activation, not in place.
+
+    Args:
+        num_features: channels C of inputs shaped (N, C) or (N, C, *).
+        eps: added to the variance (and, in the in-place modules, to |weight|).
+        momentum: running-stat update factor, or None for a cumulative average.
+        affine: learn `weight` and `bias`.
+        track_running_stats: keep running_mean/var (else batch statistics are always used).
+        activation: "leaky_relu", "elu", "identity" (or "relu", for ABN only).
+        activation_param: negative slope of leaky_relu, or alpha of elu.
+    """
+
+    _version = 2  # version 2 added num_batches_tracked (as in nn.BatchNorm)
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 activation: str = "leaky_relu", activation_param: float = 0.01):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.activation = activation
+        self.activation_param = activation_param
+        self._check_activation()
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features))
+            self.bias = nn.Parameter(torch.empty(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features))
+            self.register_buffer("running_var", torch.ones(num_features))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def _check_activation(self):
+        if self.activation not in _ABN_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(map(repr, _ABN_ACTIVATIONS))}"
+                             f", got {self.activation!r}")
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _momentum_and_training(self):
+        """(momentum, use batch statistics), with nn.BatchNorm's rules: momentum None counts
+        batches for a cumulative average; without running stats, batch stats are always used."""
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        training = self.training or self.running_mean is None
+        return momentum, training
+
+    def _running_stats(self):
+        if self.training and not self.track_running_stats:
+            return None, None
+        return self.running_mean, self.running_var
+
+    def effective_weight(self) -> Optional[torch.Tensor]:
+        """The scale gamma that multiplies the normalised input."""
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        momentum, training = self._momentum_and_training()
+        running_mean, running_var = self._running_stats()
+        y = F.batch_norm(x, running_mean, running_var, self.weight, self.bias, training,
+                         momentum, self.eps)
+        # y is batch_norm's fresh output, so activating it in place never touches x.
+        if self.activation == "relu":
+            return F.relu(y, inplace=True)
+        if self.activation == "leaky_relu":
+            return F.leaky_relu(y, self.activation_param, inplace=True)
+        if self.activation == "elu":
+            return F.elu(y, self.activation_param, inplace=True)
+        return y
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Checkpoints from before num_batches_tracked existed load with a count of 0.
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        act = self.activation
+        if act in ("leaky_relu", "elu"):
+            act += f"[{self.activation_param}]"
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+                f"activation={act}")
+
+
+class InPlaceABN(ABN):
+    """ABN computed in place: the input is overwritten with the output, and only the output
+    is kept for backward (gamma = |weight| + eps). Same arguments as ABN, without relu."""
+
+    def _check_activation(self):
+        def fail(msg):
+            raise IABNError(msg)
+
+        if self.activation == "relu":
+            fail("InPlaceABN cannot use relu: it is not invertible, and backward recovers the "
+                 "input from the output. Use activation='leaky_relu' (e.g. activation_param="
+                 "0.01) or ABN")
+        check_activation(self.activation, self.activation_param, fail)
+
+    def effective_weight(self) -> Optional[torch.Tensor]:
+        return None if self.weight is None else self.weight.abs() + self.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        momentum, training = self._momentum_and_training()
+        running_mean, running_var = self._running_stats()
+        return inplace_abn(x, self.weight, self.bias, running_mean, running_var, training,
+                           momentum, self.eps, self.activation, self.activation_param)
+
+
+class InPlaceABNSync(InPlaceABN):
+    """InPlaceABN with batch statistics synchronised over a torch.distributed group (None:
+    the default group). Without torch.distributed it runs locally and warns."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 activation: str = "leaky_relu", activation_param: float = 0.01,
+                 group: Optional[Any] = None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, activation,
+                         activation_param)
+        self.group = group
+
+    def set_group(self, group: Optional[Any]) -> None:
+        """Group to synchronise with; never change it between a forward and its backward."""
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        momentum, training = self._momentum_and_training()
+        running_mean, running_var = self._running_stats()
+        return inplace_abn_sync(x, self.weight, self.bias, running_mean, running_var, training,
+                                momentum, self.eps, self.activation, self.activation_param,
+                                self.group)
+
+
+# ------------------------------------------------------------------------------------------
+# Conversion
+# ------------------------------------------------------------------------------------------
+def _first_tensor(m: nn.Module) -> Optional[torch.Tensor]:
+    for t in list(m.parameters()) + [b for b in m.buffers() if b.is_floating_point()]:
+        return t
+    return None
+
+
+def _unrepresentable(bn: _BatchNorm) -> int:
+    """Channels whose BN scale gamma <= eps: |w| + eps can never equal them."""
+    if not bn.affine:
+        return 0
+    return int((bn.weight.detach() <= bn.eps).sum())
+
+
+def from_batchnorm(bn: _BatchNorm, activation: str = "leaky_relu",
+                   activation_param: float = 0.01) -> InPlaceABN:
+    """An InPlaceABN (InPlaceABNSync for nn.SyncBatchNorm) computing `activation(bn(x))`.
+
+    Weights map as w = gamma - eps so that |w| + eps = gamma; channels with gamma <= eps cannot
+    be represented (the in-place scale is always > eps): they get w = 0 and a warning.
+    Running stats, num_batches_tracked, eps, momentum, device, dtype and train/eval carry over.
+    """
+    if not isinstance(bn, _BatchNorm):
+        raise TypeError(f"from_batchnorm expects a torch.nn BatchNorm module, got "
+                        f"{type(bn).__name__}")
+    cls = InPlaceABNSync if isinstance(bn, nn.SyncBatchNorm) else InPlaceABN
+    m = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+            activation, activation_param)
+    like = _first_tensor(bn)
+    if like is not None:
+        m = m.to(device=like.device, dtype=like.dtype)
+    bad = _unrepresentable(bn)
+    if bad:
+        warnings.warn(f"from_batchnorm: {bad} of {bn.num_features} channels have gamma <= eps "
+                      f"({bn.eps}), which InPlaceABN (scale |w| + eps) cannot represent; they "
+                      "are set to gamma = eps and their outputs will differ",
+                      IABNConversionWarning, stacklevel=2)
+    with torch.no_grad():
+        if bn.affine:
+            m.weight.copy_((bn.weight - bn.eps).clamp_min(0))
+            m.bias.copy_(bn.bias)
+        if bn.track_running_stats:
+            m.running_mean.copy_(bn.running_mean)
+            m.running_var.copy_(bn.running_var)
+            m.num_batches_tracked.copy_(bn.num_batches_tracked)
+    m._bn_class = type(bn)  # lets to_batchnorm rebuild the same class
+    return m.train(bn.training)
+
+
+def _activation_module(m: ABN) -> nn.Module:
+    if m.activation == "relu":
+        return nn.ReLU()
+    if m.activation == "leaky_relu":
+        return nn.LeakyReLU(m.activation_param)
+    if m.activation == "elu":
+        return nn.ELU(m.activation_param)
+    return nn.Identity()
+
+
+def to_batchnorm(m: ABN, bn_class: Optional[type] = None) -> nn.Sequential:
+    """An equivalent `nn.Sequential(BatchNorm, activation)` of standard modules, for inference
+    and export (ONNX, TorchScript). bn_class defaults to the class the module was converted
+    from, else nn.BatchNorm2d (the classes differ only in the input rank they accept)."""
+    if not isinstance(m, ABN):
+        raise TypeError(f"to_batchnorm expects an ABN/InPlaceABN module, got {type(m).__name__}")
+    bn_class = bn_class or getattr(m, "_bn_class", nn.BatchNorm2d)
+    bn = bn_class(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+    like = _first_tensor(m)
+    if like is not None:
+        bn = bn.to(device=like.device, dtype=like.dtype)
+    with torch.no_grad():
+        if m.affine:
+            bn.weight.copy_(m.effective_weight())
+            bn.bias.copy_(m.bias)
+        if m.track_running_stats:
+            bn.running_mean.copy_(m.running_mean)
+            bn.running_var.copy_(m.running_var)
+            bn.num_batches_tracked.copy_(m.num_batches_tracked)
+    return nn.Sequential(bn, _activation_module(m)).train(m.training)
+
+
+# Modules whose output is a fresh tensor that nothing else keeps for backward, so the
+# following BN may overwrite it.
+_FRESH_OUTPUT = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                 nn.ConvTranspose3d, nn.Linear)
+
+
+def _invertible(act: nn.Module):
+    """(activation, activation_param) for an invertible activation module, else None."""
+    if type(act) is nn.Identity:
+        return "identity", 0.01
+    if type(act) is nn.LeakyReLU and act.negative_slope > 0:
+        return "leaky_relu", float(act.negative_slope)
+    if type(act) is nn.ELU and act.alpha > 0:
+        return "elu", float(act.alpha)
+    return None
+
+
+def _why_not(children, i) -> Optional[str]:
+    bn = children[i][1]
+    if i == 0:
+        return ("first in its nn.Sequential: its input comes from outside and may be used "
+                "again (e.g. by a residual connection), so it must not be overwritten")
+    prev = children[i - 1][1]
+    if not isinstance(prev, _FRESH_OUTPUT):
+        return (f"follows {type(prev).__name__}, whose output may be kept for its own backward "
+                "or used elsewhere")
+    if i + 1 == len(children):
+        return "no activation follows it in its nn.Sequential"
+    nxt = children[i + 1][1]
+    if _invertible(nxt) is None:
+        return (f"followed by {type(nxt).__name__}, which is not an invertible activation "
+                "(LeakyReLU or ELU with a positive parameter, or Identity)")
+    if _unrepresentable(bn):
+        return "has channels with gamma <= eps, which InPlaceABN cannot represent"
+    return None
+
+
+def _convert(module: nn.Module, prefix: str, skipped: list) -> None:
+    children = list(module._modules.items())
+    in_seq = isinstance(module, nn.Sequential)
+    for i, (name, child) in enumerate(children):
+        if child is None:
+            continue
+        if isinstance(child, _BatchNorm):
+            reason = (_why_not(children, i) if in_seq else
+                      "not inside an nn.Sequential, so what produces its input and consumes "
+                      "its output is unknown")
+            if reason:
+                skipped.append(f"{prefix}{name}: {reason}")
+                continue
+            act_name, act = children[i + 1]
+            module._modules[name] = from_batchnorm(child, *_invertible(act))
+            module._modules[act_name] = nn.Identity()
+        else:
+            _convert(child, f"{prefix}{name}.", skipped)
+
+
+def convert_model(model: nn.Module) -> nn.Module:
+    """Replace, in place, every `Conv/Linear -> BatchNorm -> invertible activation` run inside
+    an nn.Sequential with `Conv/Linear -> InPlaceABN -> Identity`; returns the model.
+
+    Only exact, safe replacements are made; every BatchNorm left as it is, and why, is listed
+    in one IABNConversionWarning (e.g. BN followed by ReLU, which is not invertible)."""
+    skipped: list[str] = []
+    _convert(model, "", skipped)
+    if skipped:
+        warnings.warn("convert_model left these BatchNorm layers unchanged:\n  "
+                      + "\n  ".join(skipped), IABNConversionWarning, stacklevel=2)
+    return model

@@ -1,0 +1,299 @@
+"""PyTorch ops for InPlace-ABN: tensor <-> core-array bridging, the custom ops, the autograd
+Function and the functional API (re-exported by iabn.torch).
+
+Three tiers, as in iabn_core:
+  * `iabn::inplace_abn_forward` / `iabn::inplace_abn_backward`: opaque custom ops registered
+    with torch.library. They mutate their buffers (declared in `mutates_args`), so
+    torch.compile/AOTAutograd functionalize around them instead of tracing into NumPy/CuPy,
+    and their fake implementations never touch data (no FakeTensor data-pointer errors).
+  * `_InPlaceABN`: a small autograd.Function; x is marked dirty and returned, and only the
+    output and per-channel tensors are saved (the point of InPlace-ABN).
+  * `inplace_abn` / `inplace_abn_sync`: argument checks that must happen before any write,
+    then the Function.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.autograd.function import once_differentiable
+
+from iabn_core import backends as _backends
+from iabn_core import ops as _ops
+from iabn_core import validate as _validate
+from iabn_core.dtypes import BFLOAT16
+from iabn_core.validate import IABNError
+
+__all__ = ["inplace_abn", "inplace_abn_sync", "IABNError"]
+
+# Canonical dtype names (iabn_core.dtypes) <-> torch dtypes.
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+_SUPPORTED = frozenset(TORCH_DTYPES.values())
+
+
+# ------------------------------------------------------------------------------------------
+# Zero-copy bridging. Every core array below views the tensor's own memory, so the core's
+# in-place writes land in the tensor.
+# ------------------------------------------------------------------------------------------
+def _cupy():
+    from iabn_core.backends.cuda import import_cupy
+
+    return import_cupy()
+
+
+def to_core(t: Optional[torch.Tensor]):
+    """NumPy (CPU) or CuPy (CUDA) array sharing t's memory; None stays None."""
+    if t is None:
+        return None
+    t = t.detach()  # .numpy() refuses tensors that require grad; detach() shares memory
+    bf16 = t.dtype == torch.bfloat16
+    if bf16:
+        # torch has no NumPy dtype for bfloat16 (and CuPy < 14 none either): hand over the same
+        # bits as int16 and reinterpret them as ml_dtypes.bfloat16 on the array side.
+        t = t.view(torch.int16)
+    if t.device.type == "cpu":
+        a = t.numpy()
+    elif t.device.type == "cuda":
+        a = _cupy().from_dlpack(t)
+    else:
+        raise IABNError(f"iabn supports CPU and CUDA tensors, got a tensor on {t.device}")
+    return a.view(BFLOAT16) if bf16 else a
+
+
+def from_core(a) -> torch.Tensor:
+    """Tensor sharing the memory of a NumPy/CuPy array the core returned (no copy)."""
+    bf16 = BFLOAT16 is not None and a.dtype == BFLOAT16
+    if bf16:
+        a = a.view(np.int16)
+    t = torch.from_numpy(a) if isinstance(a, np.ndarray) else torch.from_dlpack(a)
+    return t.view(torch.bfloat16) if bf16 else t
+
+
+def _torch_workspace(shape, dtype_name):
+    """CUDA workspace allocator for the kernel backend: memory comes from torch's caching
+    allocator on the current device (and, during CUDA-graph capture, from the graph's pool),
+    so CuPy's own pool never grows beside torch's."""
+    dev = torch.device("cuda", _cupy().cuda.Device().id)
+    return to_core(torch.empty(tuple(shape), dtype=TORCH_DTYPES[dtype_name], device=dev))
+
+
+_cuda_backend_instance = None
+
+
+def _backend_for(t: torch.Tensor):
+    """None for CPU tensors (the core picks `numpy`, or `emulator` when IABN_BACKEND says so);
+    for CUDA tensors the kernel backend whose workspaces torch allocates."""
+    global _cuda_backend_instance
+    if t.device.type != "cuda":
+        return None
+    if _cuda_backend_instance is None:
+        from iabn_core.backends.cuda import CudaRuntime
+        from iabn_core.backends.kernel_backend import KernelBackend
+
+        _cuda_backend_instance = KernelBackend(CudaRuntime(allocator=_torch_workspace))
+    return _cuda_backend_instance
+
+
+@contextlib.contextmanager
+def _device_scope(t: torch.Tensor):
+    """For CUDA tensors: make t's device current for torch and CuPy, and run CuPy on torch's
+    current stream of that device, so kernels are ordered with torch's work without any host
+    synchronisation (and are captured when torch captures a CUDA graph)."""
+    if t.device.type != "cuda":
+        yield
+        return
+    cupy = _cupy()
+    with torch.cuda.device(t.device), cupy.cuda.Device(t.device.index):
+        ts = torch.cuda.current_stream(t.device)
+        if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14: CUDA stream protocol
+            cs = cupy.cuda.Stream.from_external(ts)
+        else:  # CuPy 13
+            cs = cupy.cuda.ExternalStream(ts.cuda_stream, t.device.index)
+        with cs:
+            yield
+
+
+def _acc_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if x_dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------------------
+# Custom ops
+# ------------------------------------------------------------------------------------------
+@torch.library.custom_op("iabn::inplace_abn_forward",
+                         mutates_args=("x", "running_mean", "running_var"))
+def _forward_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                training: bool, momentum: float, eps: float, activation: str,
+                activation_param: float) -> torch.Tensor:
+    """x <- act(BN(x)) in place (running stats updated in place when training); returns the
+    per-channel stats (4, C): count, mean, biased var, inverse std."""
+    with _device_scope(x):
+        ctx = _ops.forward(to_core(x), to_core(weight), to_core(bias), to_core(running_mean),
+                           to_core(running_var), training=training, momentum=momentum, eps=eps,
+                           activation=activation, activation_param=activation_param,
+                           backend=_backend_for(x))
+        return from_core(ctx.stats)
+
+
+@_forward_op.register_fake
+def _forward_fake(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                  activation, activation_param):
+    return x.new_empty((4, x.shape[1]), dtype=_acc_dtype(x.dtype))
+
+
+def _param_grad_like(p: Optional[torch.Tensor], stats: torch.Tensor) -> torch.Tensor:
+    # Custom ops cannot return None: an absent parameter gets an empty placeholder.
+    return stats.new_empty((0,)) if p is None else torch.empty_like(p)
+
+
+@torch.library.custom_op("iabn::inplace_abn_backward", mutates_args=("dz",))
+def _backward_op(z: torch.Tensor, dz: torch.Tensor, stats: torch.Tensor,
+                 weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], training: bool,
+                 eps: float, activation: str,
+                 activation_param: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """dz <- dx in place (z is only read); returns (dweight, dbias), empty for absent ones."""
+    with _device_scope(z):
+        zc, dzc, wc, bc = to_core(z), to_core(dz), to_core(weight), to_core(bias)
+        # The core's Context holds Python objects and cannot cross the op boundary, so it is
+        # rebuilt here from what forward saved: validate.problem derives the same Problem from
+        # z (same shape/dtype/layout as x); running stats play no part in backward.
+        prob, layout = _validate.problem(zc, wc, bc, None, None, training=True, momentum=0.0,
+                                         eps=eps, activation=activation,
+                                         activation_param=activation_param, min_count=0)
+        backend = _backends.select(zc, _backend_for(z))
+        ctx = _ops.Context(prob, layout, tuple(zc.shape), backend, to_core(stats), wc, bc,
+                           training, zc)
+        _, dw, db = _ops.backward(ctx, zc, dzc)
+        dweight = from_core(dw) if dw is not None else _param_grad_like(None, stats)
+        dbias = from_core(db) if db is not None else _param_grad_like(None, stats)
+        return dweight, dbias
+
+
+@_backward_op.register_fake
+def _backward_fake(z, dz, stats, weight, bias, training, eps, activation, activation_param):
+    return _param_grad_like(weight, stats), _param_grad_like(bias, stats)
+
+
+# ------------------------------------------------------------------------------------------
+# Autograd
+# ------------------------------------------------------------------------------------------
+class _InPlaceABN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps,
+                activation, activation_param):
+        stats = torch.ops.iabn.inplace_abn_forward(x, weight, bias, running_mean, running_var,
+                                                   training, momentum, eps, activation,
+                                                   activation_param)
+        ctx.mark_dirty(x)
+        # Only the output z (x's buffer) and per-channel tensors: backward inverts the
+        # activation and the affine map to recover what standard BN would have saved.
+        ctx.save_for_backward(x, stats, weight, bias)
+        ctx.cfg = (training, eps, activation, activation_param)
+        return x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dz):
+        z, stats, weight, bias = ctx.saved_tensors
+        training, eps, activation, activation_param = ctx.cfg
+        # The kernels write dx over their dz buffer and need it in z's memory layout. The
+        # gradient autograd hands us is not ours to overwrite: it may be aliased (an add's
+        # backward passes the same tensor to both branches; `z.backward(g)` passes the user's
+        # g), expanded (stride 0 after .sum()), or in another layout (channels-last z with a
+        # contiguous grad). So dx is a new buffer in z's layout, filled by one explicit copy.
+        # This copies the gradient, never the user's input, so the in-place contract holds;
+        # its memory is what standard BN's backward allocates for grad_input anyway.
+        dx = torch.empty_like(z)
+        dx.copy_(dz)
+        # The custom op bumps dx's version counter itself (torch.library registers an
+        # ADInplaceOrView kernel for every argument in mutates_args).
+        dweight, dbias = torch.ops.iabn.inplace_abn_backward(z, dx, stats, weight, bias,
+                                                             training, eps, activation,
+                                                             activation_param)
+        return (dx,
+                dweight if weight is not None and ctx.needs_input_grad[1] else None,
+                dbias if bias is not None and ctx.needs_input_grad[2] else None,
+                None, None, None, None, None, None, None)
+
+
+# ------------------------------------------------------------------------------------------
+# Functional API
+# ------------------------------------------------------------------------------------------
+def _check_tensors(x, weight, bias, running_mean, running_var):
+    """Torch-level checks the core cannot make (it sees only arrays); all before any write."""
+    named = dict(x=x, weight=weight, bias=bias, running_mean=running_mean,
+                 running_var=running_var)
+    for name, t in named.items():
+        if t is None and name != "x":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise IABNError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.dtype not in _SUPPORTED:
+            raise IABNError(f"{name} has unsupported dtype {t.dtype}; supported: "
+                            f"{', '.join(map(str, TORCH_DTYPES.values()))}")
+        if t.device != x.device:
+            raise IABNError(f"{name} is on {t.device} but x is on {x.device}; all tensors "
+                            "must be on the same device")
+    for name in ("running_mean", "running_var"):
+        if named[name] is not None and named[name].requires_grad:
+            raise IABNError(f"{name} must not require grad (it is a buffer updated in place)")
+    if x.requires_grad and torch.is_grad_enabled():
+        base = x if x._base is None else x._base
+        if base.is_leaf:
+            what = "x is a leaf tensor" if base is x else "x is a view of a leaf tensor"
+            raise IABNError(
+                f"{what} that requires grad, and inplace_abn overwrites x with its output. "
+                "Pass a non-leaf tensor instead, e.g. inplace_abn(x.clone(), ...), or use "
+                "iabn.torch.ABN, which does not work in place.")
+
+
+def inplace_abn(x, weight, bias, running_mean, running_var, training=True, momentum=0.1,
+                eps=1e-5, activation="leaky_relu", activation_param=0.01):
+    """In-place activated batch norm: x is overwritten with
+    act(gamma * (x - mean) / sqrt(var + eps) + bias), gamma = |weight| + eps, and returned.
+
+    x: (N, C) or (N, C, *), contiguous or channels-last, float32/float64/float16/bfloat16.
+    weight/bias/running_mean/running_var: (C,) or None; float32, or x's dtype.
+    training=True uses batch statistics and updates the running stats in place:
+    r <- (1 - momentum) * r + momentum * batch_stat (the variance unbiased).
+    activation: "leaky_relu", "elu" (activation_param is the slope / alpha, > 0) or
+    "identity". Bad arguments raise IABNError before anything is written.
+    """
+    _check_tensors(x, weight, bias, running_mean, running_var)
+    _validate.check_scalars(training, momentum, eps, activation, activation_param)
+    return _InPlaceABN.apply(x, weight, bias, running_mean, running_var, training,
+                             float(momentum), float(eps), activation, float(activation_param))
+
+
+class SyncFallbackWarning(UserWarning):
+    """inplace_abn_sync ran unsynchronised because torch.distributed is not initialised."""
+
+
+def inplace_abn_sync(x, weight, bias, running_mean, running_var, training=True, momentum=0.1,
+                     eps=1e-5, activation="leaky_relu", activation_param=0.01, group=None):
+    """Like `inplace_abn`, with batch statistics synchronised over `group` (None: the default
+    group). Without an initialised torch.distributed it runs the local version and warns, as
+    the official package does."""
+    dist = torch.distributed
+    active = dist.is_available() and dist.is_initialized()
+    if training and not active:
+        warnings.warn("inplace_abn_sync: torch.distributed is not initialised; computing "
+                      "unsynchronised (per-process) batch statistics", SyncFallbackWarning,
+                      stacklevel=2)
+    elif training and dist.get_world_size(group) > 1:
+        # Synchronised statistics arrive with the distributed adapter (core `comm`); failing
+        # loudly beats silently training with per-replica statistics.
+        raise NotImplementedError("inplace_abn_sync across several processes is not "
+                                  "available yet in iabn.torch; use InPlaceABN "
+                                  "(per-process statistics) or a single process")
+    return inplace_abn(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                       activation, activation_param)
