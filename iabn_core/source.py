@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -16,7 +17,11 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
 
 
 def kernel_dir() -> Path:
-    """The folder holding the .cu/.cuh files: the checkout's kernels/ or the installed copy."""
+    """The folder holding the .cu/.cuh files: $IABN_KERNEL_DIR (to try modified kernels), the
+    checkout's kernels/, or the installed copy."""
+    override = os.environ.get("IABN_KERNEL_DIR")
+    if override:
+        return Path(override)
     here = Path(__file__).resolve().parent.parent / "kernels"
     if (here / "common.cuh").is_file():
         return here
