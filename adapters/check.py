@@ -74,6 +74,7 @@ def main(argv=None) -> int:
                     help="default: cuda when a GPU is present, else emulator")
     ap.add_argument("--quick", action="store_true", help="a one-minute subset of the matrix")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--summary", action="store_true", help="list failing cases only")
     args = ap.parse_args(argv)
     backend = args.backend or ("cuda" if _gpu_present() else "emulator")
 
@@ -102,6 +103,8 @@ def main(argv=None) -> int:
     print(f"\n{'case':<{name_w}}  {'worst stage':<24} {'max abs':>10} {'max rel':>10} "
           f"{'tol':>8}  result")
     for r in rows:
+        if args.summary and r["passed"]:
+            continue
         verdict = "pass" if r["passed"] else "FAIL"
         print(f"{r['case']:<{name_w}}  {r['stage']:<24} {r['max_abs']:>10.2e} "
               f"{r['max_rel']:>10.2e} {r['tol']:>8.0e}  {verdict}")
