@@ -49,6 +49,18 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(b, a)
 
 
+def test_export_and_inference_mode():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), it.InPlaceABN(4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    expected = m(x)
+    ep = torch.export.export(m, (x,))
+    assert "iabn.inplace_abn_forward" in ep.graph_module.code
+    torch.testing.assert_close(ep.module()(x), expected)
+    with torch.inference_mode():
+        torch.testing.assert_close(m(x), expected)
+
+
 def _op_args(c=4, dtype=torch.float32, param_dtype=torch.float32):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, c, 3, 2, generator=g).to(dtype)

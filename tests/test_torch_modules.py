@@ -116,6 +116,20 @@ def test_sync_falls_back_with_warning():
     m(x.clone())  # eval uses running stats: nothing to synchronise, no warning
 
 
+def test_sync_with_single_process_group_runs_locally_without_warning():
+    dist = torch.distributed
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(2, 4, 3, 3)
+        out = it.inplace_abn_sync(x.clone(), torch.ones(4), torch.zeros(4), None, None)
+        torch.testing.assert_close(out, it.InPlaceABN(4)(x.clone()))
+    finally:
+        dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------------------ conversion
 def _random_bn(cls=nn.BatchNorm2d, c=4, seed=0):
     g = torch.Generator().manual_seed(seed)
