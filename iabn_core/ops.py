@@ -48,8 +48,12 @@ class Context:
 
     @property
     def count(self) -> int:
-        """Values per channel the statistics were computed over (all replicas when synced)."""
-        return self._count if hasattr(self, "_count") else self.prob.count
+        """Values per channel the statistics were computed over (all replicas when synced;
+        reading it then copies one number from the device)."""
+        if self.comm is None or not self.training:
+            return self.prob.count
+        row = self.stats[0]
+        return int(round(float(row[0].get() if hasattr(row, "get") else row[0])))
 
 
 def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *, training=True,

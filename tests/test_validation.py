@@ -206,3 +206,23 @@ def test_backward_rejects_a_foreign_ctx():
     x, _ = make()
     with pytest.raises(IABNError, match="^ctx must be the Context"):
         ops.backward({"mean": 0}, x, np.ones_like(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("conftest").gpu_available(), reason="no CUDA GPU on this machine")
+def test_numpy_cupy_mix_and_devices():
+    import cupy
+
+    x_host, p = make()
+    x = cupy.asarray(x_host)
+    before = x.get().tobytes()
+    with pytest.raises(IABNError, match="^weight is a numpy array but x is a cupy array"):
+        ops.forward(x, **p)
+    assert x.get().tobytes() == before
+    with pytest.raises(IABNError, match="^running_var is a cupy array but x is a numpy array"):
+        ops.forward(x_host, running_mean=p["running_mean"], running_var=cupy.ones(C, np.float32))
+    if cupy.cuda.runtime.getDeviceCount() > 1:
+        with cupy.cuda.Device(1):
+            w1 = cupy.ones(C, np.float32)
+        with pytest.raises(IABNError, match="^weight is on cuda:1 but x is on cuda:0"):
+            ops.forward(x, weight=w1)
