@@ -82,7 +82,8 @@ def _torch_workspace(shape, dtype_name):
     allocator on the current device (and, during CUDA-graph capture, from the graph's pool),
     so CuPy's own pool never grows beside torch's."""
     dev = torch.device("cuda", _cupy().cuda.Device().id)
-    return to_core(torch.empty(tuple(shape), dtype=TORCH_DTYPES[dtype_name], device=dev))
+    shape = tuple(int(d) for d in shape)  # plans may hand NumPy integers
+    return to_core(torch.empty(shape, dtype=TORCH_DTYPES[dtype_name], device=dev))
 
 
 _cuda_backend_instance = None

@@ -30,6 +30,36 @@ def converted(model):
     return m
 
 
+# ----------------------------------------------------------------------------- bridging
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=str)
+def test_core_arrays_share_tensor_memory(dtype):
+    """CPU tensors reach the core zero-copy (bfloat16 through an int16 view), both layouts."""
+    from iabn.torch_ops import from_core, to_core
+    from iabn_core.dtypes import dtype_name
+
+    t = torch.randn(2, 3, 4, 5).to(dtype).contiguous(memory_format=torch.channels_last)
+    a = to_core(t)
+    assert a.ctypes.data == t.data_ptr() and dtype_name(a.dtype) == str(dtype)[6:]
+    assert a.strides == tuple(s * t.element_size() for s in t.stride())
+    a[0, 0, 0, 0] = 7
+    assert t[0, 0, 0, 0].item() == 7
+    back = from_core(a)
+    assert back.dtype == dtype and back.data_ptr() == t.data_ptr()
+
+
+def test_core_takes_a_backend_object():
+    """The CUDA path hands ops.forward a KernelBackend with torch-allocated workspaces; the
+    selector must use a backend object as is (shown here with a NumPy backend instance)."""
+    import numpy as np
+    from iabn_core import ops
+    from iabn_core.backends.numpy_backend import NumpyBackend
+
+    be = NumpyBackend()
+    ctx = ops.forward(np.random.default_rng(0).standard_normal((4, 2, 3)), backend=be)
+    assert ctx.backend is be
+
+
 # ------------------------------------------------------------------------ torch.compile
 def test_compile_fullgraph_matches_eager():
     torch.manual_seed(0)
