@@ -22,6 +22,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from iabn_core import backends as _backends
+from iabn_core import layout as _layout
 from iabn_core import ops as _ops
 from iabn_core import validate as _validate
 from iabn_core.dtypes import BFLOAT16
@@ -156,14 +157,16 @@ def _param_grad_like(p: Optional[torch.Tensor], stats: torch.Tensor) -> torch.Te
     return stats.new_empty((0,)) if p is None else torch.empty_like(p)
 
 
-@torch.library.custom_op("iabn::inplace_abn_backward", mutates_args=("dz",))
-def _backward_op(z: torch.Tensor, dz: torch.Tensor, stats: torch.Tensor,
+@torch.library.custom_op("iabn::inplace_abn_backward", mutates_args=("dx",))
+def _backward_op(z: torch.Tensor, dz: torch.Tensor, dx: torch.Tensor, stats: torch.Tensor,
                  weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], training: bool,
                  eps: float, activation: str,
                  activation_param: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """dz <- dx in place (z is only read); returns (dweight, dbias), empty for absent ones."""
+    """dx <- input gradient (z and dz are only read, unless dx is dz itself: then in place);
+    returns (dweight, dbias), empty for absent ones."""
     with _device_scope(z):
-        zc, dzc, wc, bc = to_core(z), to_core(dz), to_core(weight), to_core(bias)
+        zc, dzc, dxc = to_core(z), to_core(dz), to_core(dx)
+        wc, bc = to_core(weight), to_core(bias)
         # The core's Context holds Python objects and cannot cross the op boundary, so it is
         # rebuilt here from what forward saved: validate.problem derives the same Problem from
         # z (same shape/dtype/layout as x); running stats play no part in backward.
@@ -173,20 +176,32 @@ def _backward_op(z: torch.Tensor, dz: torch.Tensor, stats: torch.Tensor,
         backend = _backends.select(zc, _backend_for(z))
         ctx = _ops.Context(prob, layout, tuple(zc.shape), backend, to_core(stats), wc, bc,
                            training, zc)
-        _, dw, db = _ops.backward(ctx, zc, dzc)
+        same = dx.data_ptr() == dz.data_ptr()
+        _, dw, db = _ops.backward(ctx, zc, dxc if same else dzc, out=None if same else dxc)
         dweight = from_core(dw) if dw is not None else _param_grad_like(None, stats)
         dbias = from_core(db) if db is not None else _param_grad_like(None, stats)
         return dweight, dbias
 
 
 @_backward_op.register_fake
-def _backward_fake(z, dz, stats, weight, bias, training, eps, activation, activation_param):
+def _backward_fake(z, dz, dx, stats, weight, bias, training, eps, activation, activation_param):
     return _param_grad_like(weight, stats), _param_grad_like(bias, stats)
 
 
 # ------------------------------------------------------------------------------------------
 # Autograd
 # ------------------------------------------------------------------------------------------
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True if the kernels can read `a` with `b`'s layout (same shape, dtype, memory order)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    la = _layout.detect(tuple(a.shape), tuple(s * a.element_size() for s in a.stride()),
+                        a.element_size())
+    lb = _layout.detect(tuple(b.shape), tuple(s * b.element_size() for s in b.stride()),
+                        b.element_size())
+    return la is not None and la == lb
+
+
 class _InPlaceABN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps,
@@ -206,18 +221,20 @@ class _InPlaceABN(torch.autograd.Function):
     def backward(ctx, dz):
         z, stats, weight, bias = ctx.saved_tensors
         training, eps, activation, activation_param = ctx.cfg
-        # The kernels write dx over their dz buffer and need it in z's memory layout. The
-        # gradient autograd hands us is not ours to overwrite: it may be aliased (an add's
+        # The gradient autograd hands us is not ours to overwrite: it may be aliased (an add's
         # backward passes the same tensor to both branches; `z.backward(g)` passes the user's
-        # g), expanded (stride 0 after .sum()), or in another layout (channels-last z with a
-        # contiguous grad). So dx is a new buffer in z's layout, filled by one explicit copy.
-        # This copies the gradient, never the user's input, so the in-place contract holds;
-        # its memory is what standard BN's backward allocates for grad_input anyway.
-        dx = torch.empty_like(z)
-        dx.copy_(dz)
+        # g). So dx is always a new buffer in z's layout (the grad_input standard BN allocates
+        # too), and the kernels read dz and write dx in one pass. Only a dz whose memory
+        # layout differs from z's (a contiguous grad for a channels-last z, or the stride-0
+        # grad of .sum()) is first copied into dx, explicitly, and then processed in place:
+        # this copies the gradient, never the user's input, so the in-place contract holds.
+        dx = torch.empty_like(z, memory_format=torch.preserve_format)
+        if not _same_layout(dz, z):
+            dx.copy_(dz)
+            dz = dx
         # The custom op bumps dx's version counter itself (torch.library registers an
         # ADInplaceOrView kernel for every argument in mutates_args).
-        dweight, dbias = torch.ops.iabn.inplace_abn_backward(z, dx, stats, weight, bias,
+        dweight, dbias = torch.ops.iabn.inplace_abn_backward(z, dz, dx, stats, weight, bias,
                                                              training, eps, activation,
                                                              activation_param)
         return (dx,

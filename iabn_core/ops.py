@@ -77,14 +77,16 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *, t
     return Context(prob, layout, tuple(x.shape), be, stats, weight, bias, training, x, comm)
 
 
-def backward(ctx: Context, z, dz):
-    """Returns (dx, dweight, dbias); dx is dz's buffer, overwritten. z is left unchanged."""
+def backward(ctx: Context, z, dz, out=None):
+    """Returns (dx, dweight, dbias). dx is written over dz (default) or into `out`, a buffer
+    like z that overlaps neither z nor dz (then dz is only read). z is left unchanged."""
     if not isinstance(ctx, Context):
         raise validate.IABNError(f"ctx must be the Context returned by forward, got "
                                  f"{type(ctx).__name__}")
-    validate.backward_buffers(ctx, z, dz)
+    validate.backward_buffers(ctx, z, dz, out)
     prob, be = ctx.prob, ctx.backend
     z3, dz3 = view3(z, ctx.layout), view3(dz, ctx.layout)
+    dx3 = dz3 if out is None else view3(out, ctx.layout)
     sums = dweight = dbias = None
     if ctx.training or prob.has_weight or prob.has_bias:
         partial = be.backward_reduce(prob, z3, dz3, ctx.stats, ctx.weight, ctx.bias)
@@ -93,5 +95,5 @@ def backward(ctx: Context, z, dz):
             sums = ctx.comm.all_reduce(sums)
     if prob.count:
         be.backward_elementwise(prob, z3, dz3, ctx.stats, sums, ctx.weight, ctx.bias,
-                                ctx.training)
-    return dz, dweight, dbias
+                                ctx.training, dx3)
+    return (dz if out is None else out), dweight, dbias

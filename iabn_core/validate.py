@@ -124,9 +124,10 @@ def problem(x, weight, bias, running_mean, running_var, *, training, momentum, e
     return prob, layout
 
 
-def backward_buffers(ctx, z, dz):
-    """z and dz must be what ctx's forward produced: same kind, device, shape, dtype, layout."""
-    for name, a in (("z", z), ("dz", dz)):
+def backward_buffers(ctx, z, dz, out=None):
+    """z, dz (and out) must match ctx's forward: same kind, device, shape, dtype, layout."""
+    named = (("z", z), ("dz", dz)) + ((("out", out),) if out is not None else ())
+    for name, a in named:
         check_array(name, a, like=ctx.like)
         if tuple(a.shape) != ctx.shape:
             _fail(f"{name} has shape {tuple(a.shape)} but the forward saw {ctx.shape}")
@@ -140,3 +141,8 @@ def backward_buffers(ctx, z, dz):
         _fail("dz is read-only; backward writes dx into dz's buffer")
     if arrays.overlaps(z, dz):
         _fail("z and dz share memory; backward writes dx over dz while reading z")
+    if out is not None:
+        if not arrays.writeable(out):
+            _fail("out is read-only; backward writes dx into it")
+        if arrays.overlaps(out, z) or arrays.overlaps(out, dz):
+            _fail("out shares memory with z or dz; pass out=None to write dx over dz")

@@ -2,7 +2,7 @@
 //   y = act^-1(z), dy = dz * act'(z), xhat = (y - bias) / gamma      (all in registers)
 //   iabn_backward_reduce      partial sums (G, 2, C) of dy and dy * xhat
 //   iabn_backward_finalize    ordered merge -> sums (2, C); dweight = sign(w) sum(dy xhat), dbias = sum(dy)
-//   iabn_backward_elementwise dz <- dx, in place:
+//   iabn_backward_elementwise dx (which may be dz's own buffer: in place):
 //       training: dx = gamma * invstd * (dy - sum(dy)/m - xhat * sum(dy xhat)/m)
 //       eval:     dx = gamma * invstd * dy
 // Synchronized BN all-reduces `sums` between finalize and elementwise.
@@ -92,7 +92,9 @@ iabn_backward_finalize(const Acc* __restrict__ partials, long long G, long long 
 
 template <class T, class P, class Act, class Layout, int VEC>
 __global__ void __launch_bounds__(iabn::kBlockThreads)
-iabn_backward_elementwise(const T* __restrict__ z, T* __restrict__ dz, const iabn::acc_t<T>* __restrict__ stats,
+// dz and dx may be the same buffer (in-place backward), so neither is __restrict__; each
+// element is read before it is written, by the same thread.
+iabn_backward_elementwise(const T* __restrict__ z, const T* dz, T* dx, const iabn::acc_t<T>* __restrict__ stats,
                           const iabn::acc_t<T>* __restrict__ sums, const P* __restrict__ weight,
                           const P* __restrict__ bias, iabn::acc_t<T> eps, iabn::acc_t<T> act_param,
                           int training, long long N, long long C, long long S, long long seg) {
@@ -123,6 +125,6 @@ iabn_backward_elementwise(const T* __restrict__ z, T* __restrict__ dz, const iab
       const BackwardCoef<Acc>& a = aff[s];
       gv.v[k] = Cast<T>::from(a.scale * (dy - a.mean_dy - xhat * a.mean_dy_xhat));
     }
-    store_vec<VEC>(dz + off, gv);
+    store_vec<VEC>(dx + off, gv);
   });
 }

@@ -110,11 +110,12 @@ def test_opcheck(layout, training):
     z = x.clone()
     stats = torch.ops.iabn.inplace_abn_forward(z, *fwd[1:])
     dz = torch.randn_like(z)
+    dx = torch.empty_like(z)
     torch.library.opcheck(torch.ops.iabn.inplace_abn_backward.default,
-                          (z, dz, stats, w, b, training, 1e-5, "leaky_relu", 0.01))
+                          (z, dz, dx, stats, w, b, training, 1e-5, "leaky_relu", 0.01))
     # Without affine parameters the backward op returns empty placeholders.
     torch.library.opcheck(torch.ops.iabn.inplace_abn_backward.default,
-                          (z, dz, stats, None, None, training, 1e-5, "leaky_relu", 0.01))
+                          (z, dz, dx, stats, None, None, training, 1e-5, "leaky_relu", 0.01))
 
 
 def test_ops_bump_version_counters():
@@ -124,10 +125,10 @@ def test_ops_bump_version_counters():
     stats = torch.ops.iabn.inplace_abn_forward(x, w, b, rm, rv, True, 0.1, 1e-5,
                                                "leaky_relu", 0.01)
     assert [t._version for t in (x, rm, rv)] == [v + 1 for v in versions]
-    dz = torch.randn_like(x)
-    v = dz._version
-    torch.ops.iabn.inplace_abn_backward(x, dz, stats, w, b, True, 1e-5, "leaky_relu", 0.01)
-    assert dz._version == v + 1 and x._version == versions[0] + 1
+    dz, dx = torch.randn_like(x), torch.empty_like(x)
+    v, vdx = dz._version, dx._version
+    torch.ops.iabn.inplace_abn_backward(x, dz, dx, stats, w, b, True, 1e-5, "leaky_relu", 0.01)
+    assert dx._version == vdx + 1 and dz._version == v and x._version == versions[0] + 1
 
 
 # ------------------------------------------------------------------------------ memory

@@ -226,3 +226,16 @@ def test_numpy_cupy_mix_and_devices():
             w1 = cupy.ones(C, np.float32)
         with pytest.raises(IABNError, match="^weight is on cuda:1 but x is on cuda:0"):
             ops.forward(x, weight=w1)
+
+
+def test_backward_out_must_not_overlap_z_or_dz(backend):
+    ctx, z, dz = _ctx(backend)
+    before = snapshot(z, dz)
+    for bad in (z, dz[:2]):
+        with pytest.raises(IABNError, match="^out (has shape|shares memory)"):
+            ops.backward(ctx, z, dz, out=bad)
+    assert_same(before, [z, dz])
+    ro = np.zeros_like(z)
+    ro.flags.writeable = False
+    with pytest.raises(IABNError, match="^out is read-only"):
+        ops.backward(ctx, z, dz, out=ro)

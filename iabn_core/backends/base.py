@@ -83,5 +83,6 @@ class Backend(Protocol):
         """(sums (2, C), dweight or None, dbias or None); dweight = sign(w) * sum(dy*xhat)."""
 
     def backward_elementwise(self, prob: Problem, z3: Any, dz3: Any, stats: Any, sums: Any,
-                             weight: Any, bias: Any, training: bool) -> None:
-        """dz3 <- dx, in place. Training uses sums and stats' count row; eval ignores sums."""
+                             weight: Any, bias: Any, training: bool, dx3: Any = None) -> None:
+        """dx3 <- dx (dx3 defaults to dz3: in place). Training uses sums and stats' count row;
+        eval ignores sums. dx3 is dz3 itself or a buffer that overlaps neither z3 nor dz3."""

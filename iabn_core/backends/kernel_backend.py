@@ -100,10 +100,12 @@ class KernelBackend:
                       weight, dweight, dbias))
         return sums, dweight, dbias
 
-    def backward_elementwise(self, prob: Problem, z3, dz3, stats, sums, weight, bias, training):
-        plan = self._plan(prob, z3, dz3)
+    def backward_elementwise(self, prob: Problem, z3, dz3, stats, sums, weight, bias, training,
+                             dx3=None):
+        dx3 = dz3 if dx3 is None else dx3
+        plan = self._plan(prob, z3, dz3, dx3)
         name = inst.backward_elementwise(self._pair(prob), prob.activation, prob.layout, plan.vec)
         self._launch(prob, "backward.cu", name, plan.grid, plan.block,
-                     (z3, dz3, stats, sums, weight, bias, self._acc(prob, prob.eps),
+                     (z3, dz3, dx3, stats, sums, weight, bias, self._acc(prob, prob.eps),
                       self._acc(prob, prob.activation_param), np.int32(1 if training else 0))
                      + self._shape_args(prob, plan))

@@ -191,7 +191,9 @@ class NumpyBackend:
             dbias = total[0].astype(pdt)
         return total.astype(numpy_dtype(prob.acc_dtype)), dweight, dbias
 
-    def backward_elementwise(self, prob, z3, dz3, stats, sums, weight, bias, training):
+    def backward_elementwise(self, prob, z3, dz3, stats, sums, weight, bias, training,
+                             dx3=None):
+        dx3 = dz3 if dx3 is None else dx3
         _, shape = _axes(prob)
         st = _f64(stats)
         k = (_gamma(prob, weight) * st[3]).reshape(shape)
@@ -207,4 +209,4 @@ class NumpyBackend:
                 dy -= mean_dy
                 dy -= xhat
             dy *= k
-            dz3[sl] = dy
+            dx3[sl] = dy
