@@ -1,0 +1,239 @@
+"""python -m benchmarks [--cpu-only] [--tiny] [--out DIR] [--parts ...]
+
+Runs every part it can on this machine and writes CSV, PNG and summary.md into
+benchmarks/results/<device>/ (or --out). GPU parts run only when torch sees a CUDA device and
+--cpu-only is not given; otherwise the summary says they did not run, and why.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+
+from . import report
+from .cases import Settings, device_slug
+
+PARTS = ("counts", "compile", "saved", "speed", "memory")
+GPU_PARTS = ("speed", "memory")
+# iabn.torch's backward copies the incoming gradient into a fresh buffer in z's layout before
+# the kernels overwrite it with dx (adapters/torch_ops.py): one more read and write per element.
+ADAPTER_GRAD_COPY_PASSES = 2
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[2])
+    p.add_argument("--cpu-only", action="store_true", help="run only the parts that need no GPU")
+    p.add_argument("--tiny", action="store_true", help="shrink every size (CI)")
+    p.add_argument("--out", help="output folder (default benchmarks/results/<device>)")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated subset of {','.join(PARTS)} (default: all)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="leave the torch.compile baseline out of the speed part")
+    p.add_argument("--memory-budget-gib", type=float, default=16.0,
+                   help="budget for the largest-batch search (default 16)")
+    args = p.parse_args(argv)
+    args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
+    unknown = set(args.parts) - set(PARTS)
+    if unknown:
+        p.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    return args
+
+
+def environment(gpu: bool) -> dict:
+    env = dict(python=platform.python_version(), torch=torch.__version__,
+               platform=platform.platform(), date=datetime.date.today().isoformat())
+    try:
+        import cupy
+        from cupy.cuda import nvrtc
+
+        env["cupy"] = cupy.__version__
+        env["nvrtc"] = ".".join(map(str, nvrtc.getVersion()))
+    except Exception as exc:  # CuPy is optional for the CPU parts
+        env["cupy"] = f"unavailable ({type(exc).__name__})"
+    import numpy
+
+    env["numpy"] = numpy.__version__
+    env["device"] = torch.cuda.get_device_name() if gpu else "CPU (" + (
+        platform.processor() or platform.machine()) + ")"
+    try:
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+            capture_output=True, text=True, check=True).stdout.strip()
+    except Exception:
+        env["git_commit"] = "unknown"
+    return env
+
+
+def passes_from_traffic(rows: list[dict]) -> dict:
+    """Whole-tensor reads + writes per mode, from the emulator's float32 counts."""
+    def passes(stage):
+        r = next(r for r in rows if r["pair"] == "float32_float32" and r["layout"] == "ncs"
+                 and r["stage"] == stage)
+        return r["tensor_loads"] + r["tensor_stores"]
+
+    fwd = passes("forward (train)")
+    bwd = passes("backward (train)") + ADAPTER_GRAD_COPY_PASSES
+    return dict(forward=fwd, backward=bwd, full=fwd + bwd)
+
+
+class Run:
+    """Runs parts, keeps their rows and statuses; one failing part never hides the others."""
+
+    def __init__(self):
+        self.status: dict[str, str] = {}
+        self.data: dict[str, object] = {}
+
+    def attempt(self, part, fn):
+        print(f"[benchmarks] {part} ...", file=sys.stderr, flush=True)
+        try:
+            self.data[part] = fn()
+            self.status[part] = "ran"
+        except Exception as exc:
+            traceback.print_exc()
+            self.status[part] = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+    def skip(self, part, why):
+        self.status[part] = f"not run: {why}"
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    settings = Settings(tiny=args.tiny, cpu_only=args.cpu_only, compile=not args.no_compile,
+                        memory_budget_gib=args.memory_budget_gib)
+    gpu = not args.cpu_only and torch.cuda.is_available()
+    device_dir = device_slug(torch.cuda.get_device_name()) if gpu else "cpu"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / device_dir
+    out.mkdir(parents=True, exist_ok=True)
+    run = Run()
+    from . import counts, memory
+
+    for part in args.parts:
+        if part in GPU_PARTS and not gpu:
+            run.skip(part, "--cpu-only" if args.cpu_only else
+                     "no CUDA GPU visible to torch (torch.cuda.is_available() is False)")
+        elif part == "counts":
+            run.attempt(part, lambda: (counts.traffic_rows(settings),
+                                       counts.launch_rows(settings)))
+        elif part == "compile":
+            def compile_part():
+                rows = counts.compile_rows(settings)
+                if gpu:
+                    with tempfile.TemporaryDirectory() as d:
+                        rows += counts.gpu_compile_rows(settings, d)
+                return rows
+            run.attempt(part, compile_part)
+        elif part == "saved":
+            run.attempt(part, lambda: memory.saved_bytes_rows(settings, "cpu"))
+        elif part == "speed":
+            def speed_part():
+                from . import speed
+
+                traffic = (run.data.get("counts") or (counts.traffic_rows(settings), None))[0]
+                return speed.speed_rows(settings, "cuda", passes_from_traffic(traffic),
+                                        progress=lambda s: print(s, file=sys.stderr))
+            run.attempt(part, speed_part)
+        elif part == "memory":
+            run.attempt(part, lambda: (memory.peak_memory_rows(settings),
+                                       memory.max_batch_rows(settings)))
+    write_outputs(out, run, settings, environment(gpu), gpu, argv)
+    print(f"[benchmarks] results in {out}", file=sys.stderr)
+    return 1 if any(s.startswith("failed") for s in run.status.values()) else 0
+
+
+def _why(run: Run, part: str) -> str:
+    """The line a summary section shows when its part produced no numbers."""
+    status = run.status.get(part, "not requested (--parts)")
+    return f"No figures: {status}."
+
+
+def write_outputs(out: Path, run: Run, settings: Settings, env: dict, gpu: bool, argv) -> None:
+    cmd = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
+    scope = "GPU + CPU" if gpu else "CPU only"
+    md = [f"# iabn benchmarks: {env['device']} ({scope}{', tiny sizes' if settings.tiny else ''})",
+          "", f"Command: `{cmd.strip()}`", "",
+          "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "device"), "",
+          "## Parts", ""]
+    md += report._table(["part", "status"], [[p, s] for p, s in run.status.items()])
+    (out / "environment.json").write_text(json.dumps(dict(env, status=run.status), indent=2))
+
+    if "speed" in run.data:
+        rows, copy_gbps = run.data["speed"]
+        report.write_csv(out / "speed.csv", rows)
+        report.plot_speed(rows, out / "speed_ratio.png", env["device"])
+        md += ["## Speed (GPU, CUDA events)", "", "![speed](speed_ratio.png)", ""]
+        md += report.speed_section(rows, copy_gbps)
+    else:
+        md += ["## Speed (GPU)", "", _why(run, "speed"),
+               ""]
+
+    if "memory" in run.data:
+        peak, max_rows = run.data["memory"]
+        report.write_csv(out / "peak_memory.csv", peak)
+        report.write_csv(out / "max_batch.csv", max_rows)
+        report.plot_memory_vs_batch(
+            report.wide_peak_rows(peak), out / "memory_vs_batch.png",
+            f"Peak allocated GPU memory of one training step ({env['device']})",
+            "standard_peak", "iabn_peak", report.GIB, "GiB",
+            budget=settings.memory_budget_gib)
+        md += ["## Peak memory per training step (GPU)", "", "![memory](memory_vs_batch.png)", ""]
+        md += report.peak_section(peak, max_rows)
+    else:
+        md += ["## Peak memory (GPU)", "",
+               _why(run, "memory"), ""]
+
+    if "saved" in run.data:
+        rows = run.data["saved"]
+        report.write_csv(out / "saved_bytes.csv", rows)
+        report.plot_memory_vs_batch(
+            rows, out / "saved_bytes_vs_batch.png",
+            "CPU-measured: activation bytes saved for backward (saved-tensor hooks), "
+            "not GPU peak memory", "standard_bytes", "iabn_bytes", report.MIB, "MiB")
+        md += ["## Bytes saved for backward (measured on the CPU)", "",
+               "Distinct storages autograd keeps after the forward pass (parameters excluded); "
+               "the same tensors a GPU run would keep. Standard = BatchNorm2d + in-place "
+               "LeakyReLU; the last BN of each bottleneck has no activation in both nets.", "",
+               "![saved bytes](saved_bytes_vs_batch.png)", ""]
+        md += report.saved_section(rows)
+    else:
+        md += ["## Bytes saved for backward", "",
+               _why(run, "saved"), ""]
+
+    if "counts" in run.data:
+        traffic, launches = run.data["counts"]
+        report.write_csv(out / "traffic.csv", traffic)
+        report.write_csv(out / "launches.csv", launches)
+        md += ["## Global memory traffic per element (CPU emulator counters, "
+               "machine-independent)", ""]
+        md += report.traffic_section(traffic)
+        md += ["## Kernel launches per step (emulator counters)", ""]
+        md += report._table(["path", "step", "launches"],
+                            [[r["path"], r["step"], r["launches"]] for r in launches])
+    else:
+        md += ["## Traffic and launches", "",
+               _why(run, "counts"), ""]
+
+    if "compile" in run.data:
+        rows = run.data["compile"]
+        report.write_csv(out / "compile.csv", rows)
+        note = ("Cold = one NVRTC compile of the module for the arch, no cache. Warm (CuPy "
+                "disk-cache hit) is measured in a fresh process on a GPU run." if gpu else
+                "Cold = one NVRTC compile of the module for the arch, no cache (measured "
+                "without a GPU). Warm (CuPy disk-cache hit + cubin load) is **not measured** "
+                "here: it needs a GPU to load the module.")
+        md += ["## NVRTC compile time", ""] + report.compile_section(rows, note)
+    else:
+        md += ["## NVRTC compile time", "",
+               _why(run, "compile"), ""]
+    (out / "summary.md").write_text("\n".join(md))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
