@@ -162,6 +162,20 @@ def write_outputs(out: Path, run: Run, settings: Settings, env: dict, gpu: bool,
           "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "device"), "",
           "## Parts", ""]
     md += report._table(["part", "status"], [[p, s] for p, s in run.status.items()])
+    md += ["## Targets (reported, not asserted)", ""]
+    if "speed" in run.data:
+        targets = report.speed_targets(run.data["speed"][0])
+    else:
+        targets = [[name, "-", want, f"not measured ({run.status.get('speed', 'not requested')})"]
+                   for name, want in (("full step vs eager, geomean", ">= 1.5x"),
+                                      ("full step vs eager, slowest shape", ">= 0.95x"),
+                                      ("fraction of copy bandwidth", ">= 0.85"))]
+    if "memory" in run.data:
+        targets.append(report.memory_target(run.data["memory"][0]))
+    else:
+        targets.append(["peak-memory saving (GPU)", "-", ">= the paper's \"up to 50%\"",
+                        f"not measured ({run.status.get('memory', 'not requested')})"])
+    md += report._table(report.TARGET_HEADER, targets)
     (out / "environment.json").write_text(json.dumps(dict(env, status=run.status), indent=2))
 
     if "speed" in run.data:

@@ -135,24 +135,42 @@ def _verdict(value, target, higher=True):
     return "met" if (value >= target if higher else value <= target) else "NOT met"
 
 
-def speed_section(rows: list[dict], copy_gbps) -> list[str]:
+def speed_targets(rows: list[dict]) -> list[list]:
+    """[target, measured, wanted, verdict] rows for the speed targets."""
     ok = [r for r in rows if r.get("status") == "ok"]
     full = [r for r in ok if r["mode"] == "full"]
     gm = geomean(r.get("speedup_vs_eager") for r in full)
     worst = min((r["speedup_vs_eager"] for r in full if r.get("speedup_vs_eager")), default=None)
-    lines = [f"Device-to-device copy bandwidth measured in this run: {_f(copy_gbps, '{:.0f}')} "
-             "GB/s.", ""]
-    tgt = [["full step vs eager, geomean over shapes", _f(gm) + "x", f">= {TARGET_GEOMEAN}x",
-            _verdict(gm, TARGET_GEOMEAN)],
-           ["full step vs eager, slowest shape", _f(worst) + "x", f">= {TARGET_WORST}x",
-            _verdict(worst, TARGET_WORST)]]
+    tgt = [["full step vs eager BN+LeakyReLU, geomean over shapes", _f(gm) + "x",
+            f">= {TARGET_GEOMEAN}x", _verdict(gm, TARGET_GEOMEAN)],
+           ["full step vs eager BN+LeakyReLU, slowest shape", _f(worst) + "x",
+            f">= {TARGET_WORST}x", _verdict(worst, TARGET_WORST)]]
     for mode in MODES:
-        fr = [r["bw_fraction"] for r in ok if r["mode"] == mode and r.get("bw_fraction")]
-        best = max(fr, default=None)
+        fr = sorted(r["bw_fraction"] for r in ok if r["mode"] == mode and r.get("bw_fraction"))
+        best = fr[-1] if fr else None
         tgt.append([f"{mode}: best fraction of copy bandwidth (median "
-                    f"{_f(sorted(fr)[len(fr) // 2] if fr else None)})", _f(best),
+                    f"{_f(fr[len(fr) // 2] if fr else None)})", _f(best),
                     f">= {TARGET_BANDWIDTH}", _verdict(best, TARGET_BANDWIDTH)])
-    lines += _table(["target", "measured", "target value", "verdict"], tgt)
+    return tgt
+
+
+def memory_target(peak_rows: list[dict]) -> list:
+    best = max((1 - r["iabn_peak"] / r["standard_peak"] for r in wide_peak_rows(peak_rows)
+                if r.get("iabn_peak") and r.get("standard_peak")), default=None)
+    return ["largest peak-memory saving of a training step (GPU)", _f(best, "{:.1%}"),
+            f">= the paper's \"up to {PAPER_SAVING:.0%}\"", _verdict(best, PAPER_SAVING)]
+
+
+TARGET_HEADER = ["target", "measured", "wanted", "verdict"]
+
+
+def speed_section(rows: list[dict], copy_gbps) -> list[str]:
+    ok = [r for r in rows if r.get("status") == "ok"]
+    lines = [f"Device-to-device copy bandwidth measured in this run: {_f(copy_gbps, '{:.0f}')} "
+             "GB/s. iabn's bytes per mode are whole-tensor passes from the emulator counts "
+             "(forward 2 reads + 1 write; backward 4 + 1, plus iabn.torch's copy of the "
+             "incoming gradient, 1 + 1).", ""]
+    lines += _table(TARGET_HEADER, speed_targets(rows))
     for base in BASELINES:
         g = {m: geomean(r.get(f"speedup_vs_{base}") for r in ok if r["mode"] == m)
              for m in MODES}
@@ -174,20 +192,15 @@ def speed_section(rows: list[dict], copy_gbps) -> list[str]:
 
 def peak_section(rows: list[dict], max_rows: list[dict]) -> list[str]:
     wide = wide_peak_rows(rows)
-    body, savings = [], []
+    body = []
     for r in wide:
         s, i = r.get("standard_peak"), r.get("iabn_peak")
         sav = 1 - i / s if (s and i) else None
-        if sav is not None:
-            savings.append(sav)
         body.append([r["net"], r["input"], r["batch"], _f(s and s / GIB),
                      _f(i and i / GIB), _f(sav, "{:.1%}")])
     lines = _table(["net", "input", "batch", "standard peak GiB", "iabn peak GiB", "saving"],
                    body)
-    best = max(savings, default=None)
-    lines.append(f"Largest peak-memory saving: {_f(best, '{:.1%}')} vs the paper's "
-                 f"\"up to {PAPER_SAVING:.0%}\": {_verdict(best, PAPER_SAVING)}.")
-    lines.append("")
+    lines += _table(TARGET_HEADER, [memory_target(rows)])
     if max_rows:
         lines += _table(["net", "input", "kind", "budget GiB", "largest batch"],
                         [[r["net"], r["input"], r["kind"], r["budget_gib"],

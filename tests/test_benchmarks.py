@@ -169,3 +169,28 @@ def test_device_slug():
     from benchmarks.cases import device_slug
 
     assert device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_gpu_summary_renders(tmp_path, monkeypatch):
+    """write_outputs with every part present: speed rows measured on the CPU here and memory
+    rows from a stand-in measurement, so a GPU run cannot die formatting its results."""
+    from benchmarks import cases, memory, speed
+    from benchmarks.__main__ import Run, write_outputs
+
+    gib = 2 ** 30
+    monkeypatch.setattr(memory, "_measure",
+                        lambda setup, kind, n, device: (n * gib * (0.6 if kind == "iabn" else 1),
+                                                        gib))
+    settings = cases.Settings(tiny=True)
+    run = Run()
+    run.attempt("speed", lambda: (_cpu_speed_rows(speed.implementations(False)), 1.0))
+    run.attempt("memory", lambda: (memory.peak_memory_rows(settings),
+                                   memory.max_batch_rows(settings)))
+    assert run.status == {"speed": "ran", "memory": "ran"}
+    write_outputs(tmp_path, run, settings, dict(device="stand-in"), True, [])
+    md = (tmp_path / "summary.md").read_text()
+    assert "largest peak-memory saving of a training step (GPU) | 40.0%" in md
+    assert "full step vs eager BN+LeakyReLU, geomean over shapes" in md
+    for name in ("speed_ratio.png", "memory_vs_batch.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+    assert len(_csv(tmp_path / "max_batch.csv")) == 4
