@@ -194,9 +194,9 @@ def case_rows(case: BNCase, impls: dict, device, timer, settings: Settings, pass
                 continue
             try:
                 row[f"{name}_ms"] = timer(*closures(fn, inp, mode), warmup, iters)
-            except torch.cuda.OutOfMemoryError:
+            except Exception as exc:  # OOM or a baseline failing on this shape: that cell only
                 row[f"{name}_ms"] = None
-                row[f"{name}_check_err"] = "out of memory"
+                row[f"{name}_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
         t = row.get("iabn_ms")
         for name in BASELINES:
             tb = row.get(f"{name}_ms")
