@@ -20,7 +20,7 @@ struct LeakyRelu {
     return y >= A(0) ? y : y * slope;
   }
   template <class A> __device__ __forceinline__ static A inverse(A z, A slope) {
-    return z >= A(0) ? z : z / slope;
+    return z >= A(0) ? z : z * (A(1) / slope);  // 1/slope is loop-invariant: hoisted
   }
   template <class A> __device__ __forceinline__ static A derivative(A z, A slope) {
     return z >= A(0) ? A(1) : slope;
@@ -41,7 +41,7 @@ struct Elu {
     return y >= A(0) ? y : alpha * acc_expm1(y);
   }
   template <class A> __device__ __forceinline__ static A inverse(A z, A alpha) {
-    return z >= A(0) ? z : acc_log1p(acc_max(z / alpha, EluClamp<A>::value()));
+    return z >= A(0) ? z : acc_log1p(acc_max(z * (A(1) / alpha), EluClamp<A>::value()));
   }
   template <class A> __device__ __forceinline__ static A derivative(A z, A alpha) {
     // Clamped at 0: a z rounded below -alpha must not flip the gradient's sign.

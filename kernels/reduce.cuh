@@ -16,11 +16,23 @@ template <class Acc> struct Welford {
 
   __device__ __forceinline__ static Welford identity() { return Welford{Acc(0), Acc(0), Acc(0)}; }
 
-  __device__ __forceinline__ void push(Acc x) {
-    n += Acc(1);
+  // Adds one value when the caller already knows the new count n and 1/n: channels-last threads
+  // feed CH accumulators that always hold the same count, so one reciprocal serves them all.
+  __device__ __forceinline__ void push_counted(Acc x, Acc new_n, Acc inv_n) {
+    n = new_n;
     const Acc d = x - mean;
-    mean += d / n;
+    mean += d * inv_n;
     m2 += d * (x - mean);
+  }
+
+  // Statistics of a small group of values (a loaded vector), exact two-pass: no division.
+  template <int K> __device__ __forceinline__ static Welford of_group(const Acc (&v)[K]) {
+    Acc s = Acc(0);
+    for (int k = 0; k < K; ++k) s += v[k];
+    const Acc m = s * (Acc(1) / Acc(K));
+    Acc q = Acc(0);
+    for (int k = 0; k < K; ++k) q += (v[k] - m) * (v[k] - m);
+    return Welford{Acc(K), m, q};
   }
 
   // Chan's merge; an empty side leaves the other unchanged (no 0/0).

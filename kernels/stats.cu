@@ -23,10 +23,22 @@ iabn_batch_stats(const T* __restrict__ x, iabn::acc_t<T>* __restrict__ partials,
   Welford<Acc> acc[CH];
   for (int k = 0; k < CH; ++k) acc[k] = Welford<Acc>::identity();
 
+  // A division per value would make this kernel compute-bound for 16-bit inputs on fast
+  // memory, so values are folded with one division per vector: a vector of one channel is
+  // merged as a group (Chan), and a vector across CH channels shares one 1/n.
   Layout::template for_each_vector<VEC>(N, C, S, seg, [&](long long off) {
     const Vec<T, VEC> v = load_vec<VEC>(x + off);
+    Acc a[VEC];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) acc[Layout::slot(k)].push(to_acc<Acc>(v.v[k]));
+    for (int k = 0; k < VEC; ++k) a[k] = to_acc<Acc>(v.v[k]);
+    if constexpr (CH == 1) {
+      acc[0] = Welford<Acc>::combine(acc[0], Welford<Acc>::of_group(a));
+    } else {
+      const Acc n = acc[0].n + Acc(1);
+      const Acc inv_n = Acc(1) / n;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) acc[k].push_counted(a[k], n, inv_n);
+    }
   });
 
   Acc* out = partials + (long long)blockIdx.y * 3 * C;
