@@ -11,7 +11,11 @@ import os
 from .instantiations import ModuleSpec
 from .source import assembled
 
-BASE_OPTIONS = ("-std=c++17", "-default-device")
+# Options we pass to CuPy's RawModule. CuPy itself adds the arch, `-ftz=true` and
+# `--device-as-default-execution-space` (passing the latter twice is an NVRTC error).
+BASE_OPTIONS = ("-std=c++17",)
+# What CuPy appends, so that the device-free compile here sees exactly what a GPU run compiles.
+CUPY_ADDED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 
 
 def cuda_include_dirs() -> list[str]:
@@ -44,7 +48,7 @@ def compile_module(spec: ModuleSpec, arch: str) -> dict[str, str]:
     try:
         for name in spec.names:
             nvrtc.addNameExpression(prog, name)
-        opts = list(BASE_OPTIONS) + [f"--gpu-architecture={arch}"]
+        opts = list(BASE_OPTIONS + CUPY_ADDED_OPTIONS) + [f"--gpu-architecture={arch}"]
         opts += [f"-I{d}" for d in cuda_include_dirs()]
         try:
             nvrtc.compileProgram(prog, opts)
