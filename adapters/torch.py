@@ -9,9 +9,9 @@ torch.autocast (float16/bfloat16 inputs with float32 parameters) and channels_la
 `convert_model`, `from_batchnorm` and `to_batchnorm` convert to and from torch.nn.BatchNorm.
 """
 from .torch_modules import (ABN, IABNConversionWarning, InPlaceABN, InPlaceABNSync,
-                            convert_model, from_batchnorm, to_batchnorm)
+                            convert_model, from_batchnorm, to_batchnorm, to_sync)
 from .torch_ops import IABNError, SyncFallbackWarning, inplace_abn, inplace_abn_sync
 
 __all__ = ["ABN", "InPlaceABN", "InPlaceABNSync", "inplace_abn", "inplace_abn_sync",
-           "convert_model", "from_batchnorm", "to_batchnorm", "IABNError",
+           "convert_model", "from_batchnorm", "to_batchnorm", "to_sync", "IABNError",
            "IABNConversionWarning", "SyncFallbackWarning"]

@@ -21,7 +21,7 @@ from iabn_core.validate import IABNError
 from .torch_ops import inplace_abn, inplace_abn_sync
 
 __all__ = ["ABN", "InPlaceABN", "InPlaceABNSync", "convert_model", "from_batchnorm",
-           "to_batchnorm", "IABNConversionWarning"]
+           "to_batchnorm", "to_sync", "IABNConversionWarning"]
 
 # ABN does not invert its activation, so it also takes relu; in-place modules cannot.
 _ABN_ACTIVATIONS = ("relu", "leaky_relu", "elu", "identity")
@@ -312,13 +312,33 @@ def _why_not(children, i) -> Optional[str]:
     return None
 
 
-def _convert(module: nn.Module, prefix: str, skipped: list) -> None:
+def to_sync(m: InPlaceABN, group: Optional[Any] = None) -> InPlaceABNSync:
+    """The InPlaceABNSync equivalent of an InPlaceABN (same config, state, device, dtype and
+    train/eval), synchronising over `group`; an InPlaceABNSync just gets the group."""
+    if isinstance(m, InPlaceABNSync):
+        m.set_group(group)
+        return m
+    s = InPlaceABNSync(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
+                       m.activation, m.activation_param, group)
+    like = _first_tensor(m)
+    if like is not None:
+        s = s.to(device=like.device, dtype=like.dtype)
+    s.load_state_dict(m.state_dict())
+    if hasattr(m, "_bn_class"):
+        s._bn_class = m._bn_class
+    return s.train(m.training)
+
+
+def _convert(module: nn.Module, prefix: str, skipped: list, sync: bool = False,
+             group: Optional[Any] = None) -> None:
     children = list(module._modules.items())
     in_seq = isinstance(module, nn.Sequential)
     for i, (name, child) in enumerate(children):
         if child is None:
             continue
-        if isinstance(child, _BatchNorm):
+        if sync and isinstance(child, InPlaceABN):
+            module._modules[name] = to_sync(child, group)
+        elif isinstance(child, _BatchNorm):
             reason = (_why_not(children, i) if in_seq else
                       "not inside an nn.Sequential, so what produces its input and consumes "
                       "its output is unknown")
@@ -326,20 +346,25 @@ def _convert(module: nn.Module, prefix: str, skipped: list) -> None:
                 skipped.append(f"{prefix}{name}: {reason}")
                 continue
             act_name, act = children[i + 1]
-            module._modules[name] = from_batchnorm(child, *_invertible(act))
+            m = from_batchnorm(child, *_invertible(act))
+            module._modules[name] = to_sync(m, group) if sync else m
             module._modules[act_name] = nn.Identity()
         else:
-            _convert(child, f"{prefix}{name}.", skipped)
+            _convert(child, f"{prefix}{name}.", skipped, sync, group)
 
 
-def convert_model(model: nn.Module) -> nn.Module:
+def convert_model(model: nn.Module, sync: bool = False, group: Optional[Any] = None) -> nn.Module:
     """Replace, in place, every `Conv/Linear -> BatchNorm -> invertible activation` run inside
     an nn.Sequential with `Conv/Linear -> InPlaceABN -> Identity`; returns the model.
 
     Only exact, safe replacements are made; every BatchNorm left as it is, and why, is listed
-    in one IABNConversionWarning (e.g. BN followed by ReLU, which is not invertible)."""
+    in one IABNConversionWarning (e.g. BN followed by ReLU, which is not invertible).
+
+    sync=True makes the in-place layers InPlaceABNSync over `group` (None: the default group),
+    including InPlaceABN layers already in the model, like nn.SyncBatchNorm.
+    convert_sync_batchnorm does for BatchNorm; ABN layers are left as they are."""
     skipped: list[str] = []
-    _convert(model, "", skipped)
+    _convert(model, "", skipped, sync, group)
     if skipped:
         warnings.warn("convert_model left these BatchNorm layers unchanged:\n  "
                       + "\n  ".join(skipped), IABNConversionWarning, stacklevel=2)

@@ -123,6 +123,23 @@ def _device_scope(t: torch.Tensor):
             yield
 
 
+def _comm(group_name: str):
+    """The communicator of a torch.distributed group named by `group_name` ("" -> None).
+
+    The custom ops take the group's name, not the group (custom-op arguments must be tensors
+    or plain values; this is how torch's functional collectives pass groups too), and call
+    the collectives from inside the op. That keeps the sync path one opaque op per stage,
+    like the local one: torch.compile does not trace into it, and the unsynchronised path
+    (group_name "") is unchanged."""
+    if not group_name:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    from iabn_core.comm import TorchDistributedComm
+
+    return TorchDistributedComm(_resolve_process_group(group_name))
+
+
 def _acc_dtype(x_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if x_dtype == torch.float64 else torch.float32
 
@@ -135,20 +152,21 @@ def _acc_dtype(x_dtype: torch.dtype) -> torch.dtype:
 def _forward_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                 running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                 training: bool, momentum: float, eps: float, activation: str,
-                activation_param: float) -> torch.Tensor:
+                activation_param: float, group_name: str = "") -> torch.Tensor:
     """x <- act(BN(x)) in place (running stats updated in place when training); returns the
-    per-channel stats (4, C): count, mean, biased var, inverse std."""
+    per-channel stats (4, C): count, mean, biased var, inverse std. A non-empty group_name
+    synchronises the statistics over that torch.distributed group (see _comm)."""
     with _device_scope(x):
         ctx = _ops.forward(to_core(x), to_core(weight), to_core(bias), to_core(running_mean),
                            to_core(running_var), training=training, momentum=momentum, eps=eps,
                            activation=activation, activation_param=activation_param,
-                           backend=_backend_for(x))
+                           backend=_backend_for(x), comm=_comm(group_name))
         return from_core(ctx.stats)
 
 
 @_forward_op.register_fake
 def _forward_fake(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                  activation, activation_param):
+                  activation, activation_param, group_name=""):
     return x.new_empty((4, x.shape[1]), dtype=_acc_dtype(x.dtype))
 
 
@@ -160,8 +178,8 @@ def _param_grad_like(p: Optional[torch.Tensor], stats: torch.Tensor) -> torch.Te
 @torch.library.custom_op("iabn::inplace_abn_backward", mutates_args=("dx",))
 def _backward_op(z: torch.Tensor, dz: torch.Tensor, dx: torch.Tensor, stats: torch.Tensor,
                  weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], training: bool,
-                 eps: float, activation: str,
-                 activation_param: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float, activation: str, activation_param: float,
+                 group_name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """dx <- input gradient (z and dz are only read, unless dx is dz itself: then in place);
     returns (dweight, dbias), empty for absent ones."""
     with _device_scope(z):
@@ -175,7 +193,7 @@ def _backward_op(z: torch.Tensor, dz: torch.Tensor, dx: torch.Tensor, stats: tor
                                          activation_param=activation_param, min_count=0)
         backend = _backends.select(zc, _backend_for(z))
         ctx = _ops.Context(prob, layout, tuple(zc.shape), backend, to_core(stats), wc, bc,
-                           training, zc)
+                           training, zc, _comm(group_name))
         same = dx.data_ptr() == dz.data_ptr()
         _, dw, db = _ops.backward(ctx, zc, dxc if same else dzc, out=None if same else dxc)
         dweight = from_core(dw) if dw is not None else _param_grad_like(None, stats)
@@ -184,7 +202,8 @@ def _backward_op(z: torch.Tensor, dz: torch.Tensor, dx: torch.Tensor, stats: tor
 
 
 @_backward_op.register_fake
-def _backward_fake(z, dz, dx, stats, weight, bias, training, eps, activation, activation_param):
+def _backward_fake(z, dz, dx, stats, weight, bias, training, eps, activation, activation_param,
+                   group_name=""):
     return _param_grad_like(weight, stats), _param_grad_like(bias, stats)
 
 
@@ -205,22 +224,22 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
 class _InPlaceABN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps,
-                activation, activation_param):
+                activation, activation_param, group_name):
         stats = torch.ops.iabn.inplace_abn_forward(x, weight, bias, running_mean, running_var,
                                                    training, momentum, eps, activation,
-                                                   activation_param)
+                                                   activation_param, group_name)
         ctx.mark_dirty(x)
         # Only the output z (x's buffer) and per-channel tensors: backward inverts the
         # activation and the affine map to recover what standard BN would have saved.
         ctx.save_for_backward(x, stats, weight, bias)
-        ctx.cfg = (training, eps, activation, activation_param)
+        ctx.cfg = (training, eps, activation, activation_param, group_name)
         return x
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dz):
         z, stats, weight, bias = ctx.saved_tensors
-        training, eps, activation, activation_param = ctx.cfg
+        training, eps, activation, activation_param, group_name = ctx.cfg
         # The gradient autograd hands us is not ours to overwrite: it may be aliased (an add's
         # backward passes the same tensor to both branches; `z.backward(g)` passes the user's
         # g). So dx is always a new buffer in z's layout (the grad_input standard BN allocates
@@ -236,11 +255,11 @@ class _InPlaceABN(torch.autograd.Function):
         # ADInplaceOrView kernel for every argument in mutates_args).
         dweight, dbias = torch.ops.iabn.inplace_abn_backward(z, dz, dx, stats, weight, bias,
                                                              training, eps, activation,
-                                                             activation_param)
+                                                             activation_param, group_name)
         return (dx,
                 dweight if weight is not None and ctx.needs_input_grad[1] else None,
                 dbias if bias is not None and ctx.needs_input_grad[2] else None,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 # ------------------------------------------------------------------------------------------
@@ -286,10 +305,17 @@ def inplace_abn(x, weight, bias, running_mean, running_var, training=True, momen
     activation: "leaky_relu", "elu" (activation_param is the slope / alpha, > 0) or
     "identity". Bad arguments raise IABNError before anything is written.
     """
+    return _apply(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                  activation, activation_param, "")
+
+
+def _apply(x, weight, bias, running_mean, running_var, training, momentum, eps, activation,
+           activation_param, group_name):
     _check_tensors(x, weight, bias, running_mean, running_var)
     _validate.check_scalars(training, momentum, eps, activation, activation_param)
     return _InPlaceABN.apply(x, weight, bias, running_mean, running_var, training,
-                             float(momentum), float(eps), activation, float(activation_param))
+                             float(momentum), float(eps), activation, float(activation_param),
+                             group_name)
 
 
 class SyncFallbackWarning(UserWarning):
@@ -299,19 +325,22 @@ class SyncFallbackWarning(UserWarning):
 def inplace_abn_sync(x, weight, bias, running_mean, running_var, training=True, momentum=0.1,
                      eps=1e-5, activation="leaky_relu", activation_param=0.01, group=None):
     """Like `inplace_abn`, with batch statistics synchronised over `group` (None: the default
-    group). Without an initialised torch.distributed it runs the local version and warns, as
-    the official package does."""
+    group) when training: every rank gets the statistics of the whole global batch, and
+    backward all-reduces [sum dy, sum dy*xhat]; dweight/dbias stay local (DDP averages
+    them). Ranks may hold different batch sizes, including none. Without an initialised
+    torch.distributed it runs the local version and warns, as the official package does."""
     dist = torch.distributed
     active = dist.is_available() and dist.is_initialized()
+    group_name = ""
     if training and not active:
         warnings.warn("inplace_abn_sync: torch.distributed is not initialised; computing "
                       "unsynchronised (per-process) batch statistics", SyncFallbackWarning,
                       stacklevel=2)
-    elif training and dist.get_world_size(group) > 1:
-        # Synchronised statistics arrive with the distributed adapter (core `comm`); failing
-        # loudly beats silently training with per-replica statistics.
-        raise NotImplementedError("inplace_abn_sync across several processes is not "
-                                  "available yet in iabn.torch; use InPlaceABN "
-                                  "(per-process statistics) or a single process")
-    return inplace_abn(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                       activation, activation_param)
+    elif active:
+        if dist.get_rank(group) < 0:
+            raise IABNError("inplace_abn_sync: this process is not a member of `group`")
+        if dist.get_world_size(group) > 1:
+            pg = group if group is not None else dist.distributed_c10d._get_default_group()
+            group_name = pg.group_name
+    return _apply(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                  activation, activation_param, group_name)

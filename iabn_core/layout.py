@@ -22,11 +22,15 @@ def _matches(shape, strides, order) -> bool:
 
 def detect(shape, strides_bytes, itemsize) -> str | None:
     """'ncs', 'nsc', or None. S == 1 reports 'nsc' (the two orders coincide)."""
-    if any(s % itemsize for s in strides_bytes):
-        return None
-    strides = [s // itemsize for s in strides_bytes]
     nd = len(shape)
     s = math.prod(shape[2:])
+    if math.prod(shape) == 0:
+        # No element is ever addressed, so any strides will do (NumPy gives empty copies zero
+        # strides); synchronized BN runs ranks that hold no samples.
+        return "nsc" if s == 1 else "ncs"
+    if any(st % itemsize for st in strides_bytes):
+        return None
+    strides = [s // itemsize for s in strides_bytes]
     if s == 1 and _matches(shape, strides, list(range(nd))):
         return "nsc"
     if _matches(shape, strides, list(range(nd))):

@@ -1,9 +1,12 @@
 """Buffer-level InPlace-ABN: validates, picks the backend, runs the stages in order.
 
 The adapters (iabn.cupy, iabn.torch) are thin wrappers over `forward` and `backward` here.
-Synchronized BN passes a communicator `comm` with
+Synchronized BN passes a communicator `comm` (iabn_core.comm) with
+  exchange_header((status, C, count)) -> R rows  host-side agreement check, before the stats
   all_gather(array (3, C)) -> array (R, 3, C)    replicas' (count, mean, var), in rank order
   all_reduce(array (2, C)) -> array (2, C)       summed over replicas
+Every rank merges the gathered rows with the same kernel in rank order, so all ranks hold
+bitwise-identical statistics. Eval mode uses the running stats and exchanges nothing.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import backends as _backends
+from . import comm as _comm
 from . import validate
 from .backends.base import Problem
 from .layout import view3
@@ -59,15 +63,26 @@ class Context:
 def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *, training=True,
             momentum=0.1, eps=1e-5, activation="leaky_relu", activation_param=0.01,
             backend=None, comm=None) -> Context:
-    prob, layout = validate.problem(
-        x, weight, bias, running_mean, running_var, training=training, momentum=momentum,
-        eps=eps, activation=activation, activation_param=activation_param,
-        min_count=0 if comm is not None else 2)
-    be = _backends.select(x, backend)
+    synced = comm is not None and training is True  # eval uses running stats: no collectives
+    try:
+        # Synced, a rank may hold no samples; the count is judged globally in comm.agree.
+        prob, layout = validate.problem(
+            x, weight, bias, running_mean, running_var, training=training, momentum=momentum,
+            eps=eps, activation=activation, activation_param=activation_param,
+            min_count=0 if comm is not None else 2)
+        be = _backends.select(x, backend)
+    except ValueError:  # IABNError, or a bad backend request
+        if synced:  # still join the header exchange, so the peers raise instead of waiting
+            _comm.agree(comm, None, None, x, failed=True)
+        raise
+    if synced:
+        # Same C everywhere and a global count >= 2, checked on every rank before the stats
+        # all-gather (whose sizes must match on all ranks); see iabn_core/comm.py.
+        _comm.agree(comm, prob.c, prob.count, x)
     x3 = view3(x, layout)
     if training:
         partials = be.batch_stats(prob, x3)
-        if comm is not None:
+        if synced:
             partials = comm.all_gather(be.merge_stats(prob, partials))
         stats = be.finalize(prob, partials, running_mean, running_var, momentum, True)
     else:
