@@ -252,3 +252,27 @@ def test_cupyx_matches_reference(tmp_path):
             if p.is_alive():
                 p.kill()
     assert all(o == "ok" for o in out), out
+
+
+# ------------------------------------------------------------------------------------------
+# Conversion (single process: structure and state only; the DDP test trains it)
+# ------------------------------------------------------------------------------------------
+def test_convert_model_sync_converts_bn_and_inplace_abn():
+    import torch
+    from torch import nn
+
+    import iabn.torch as it
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.LeakyReLU(0.2),
+                          nn.Conv2d(4, 4, 1), it.InPlaceABN(4, activation="elu"),
+                          it.ABN(4)).double()
+    with torch.no_grad():
+        model[4].running_mean.fill_(0.5)
+    group = object()  # stored only; nothing is called on it without torch.distributed
+    out = it.convert_model(model, sync=True, group=group)
+    assert type(out[1]) is it.InPlaceABNSync and out[1].activation_param == 0.2
+    assert type(out[4]) is it.InPlaceABNSync and out[4].activation == "elu"
+    assert out[1].group is group and out[4].group is group
+    assert type(out[5]) is it.ABN
+    assert out[4].running_mean.dtype == torch.float64
+    assert torch.all(out[4].running_mean == 0.5)
