@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import functools
 import json
 import os
 import traceback
@@ -206,27 +207,28 @@ def _expect_error(fn, *needles):
     raise AssertionError("no error raised")
 
 
-def _call(n, c, shape_tail=(), weight_c=None):
-    x = torch.randn(n, c, *shape_tail, dtype=torch.float64)
+def _call(n, c, shape_tail=(), weight_c=None, device="cpu"):
+    x = torch.randn(n, c, *shape_tail, dtype=torch.float64, device=device)
     wc = c if weight_c is None else weight_c
-    return lambda: it.inplace_abn_sync(x, torch.ones(wc, dtype=torch.float64),
-                                       torch.zeros(wc, dtype=torch.float64), None, None)
+    p = dict(dtype=torch.float64, device=device)
+    return lambda: it.inplace_abn_sync(x, torch.ones(wc, **p), torch.zeros(wc, **p), None, None)
 
 
-def scenario_errors(rank, world, sizes=None):
+def scenario_errors(rank, world, sizes=None, device="cpu"):
     """Errors every rank must raise in bounded time, and the group stays usable after each."""
     out = {}
+    call = functools.partial(_call, device=device)
     channels = [4 + 2 * r for r in range(world)]
-    out["mismatch"] = _expect_error(_call(2, channels[rank], (3,)), "channel counts differ",
+    out["mismatch"] = _expect_error(call(2, channels[rank], (3,)), "channel counts differ",
                                     str(channels))
     # One rank's own validation fails (weight with the wrong length): its peers raise too.
-    bad = _call(2, 4, (3,), weight_c=5 if rank == world - 1 else 4)
+    bad = call(2, 4, (3,), weight_c=5 if rank == world - 1 else 4)
     out["peer_invalid"] = _expect_error(bad, "weight" if rank == world - 1 else "rejected")
     counts = [1] + [0] * (world - 1)
-    out["global_count"] = _expect_error(_call(counts[rank], 3),
+    out["global_count"] = _expect_error(call(counts[rank], 3),
                                         "Expected more than 1 value per channel")
-    _call(1, 3)()  # one sample on every rank: a global count >= 2 is fine
-    _call(2, 3, (3,))()  # and the group still works
+    call(1, 3)()  # one sample on every rank: a global count >= 2 is fine
+    call(2, 3, (3,))()  # and the group still works
     return out
 
 
@@ -245,7 +247,7 @@ def worker(rank, world, init_file, out_dir, plan, backend="gloo"):
     try:
         for name, sizes in plan:
             try:
-                kw = {"device": device} if name == "match" else {}
+                kw = {} if name == "ddp" else {"device": device}
                 results[name] = {"ok": True, "value": SCENARIOS[name](rank, world, sizes, **kw)}
             except Exception as exc:
                 results[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
