@@ -237,6 +237,9 @@ SCENARIOS = {"match": scenario_match, "ddp": scenario_ddp, "errors": scenario_er
 
 def worker(rank, world, init_file, out_dir, plan, backend="gloo"):
     torch.set_num_threads(1)
+    # Loopback only: gloo otherwise binds the interface the host name resolves to, which on
+    # some CI machines is slow to connect or firewalled.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     device = "cpu"
     if backend == "nccl":
         torch.cuda.set_device(rank)

@@ -35,10 +35,13 @@ def _run_group(tmp_dir, world, plan, backend="gloo"):
     ctx = mp.start_processes(dist_workers.worker, args=(world, init, tmp_dir, plan, backend),
                              nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + WAIT_S
+    crash = None
     try:
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
             if time.monotonic() > deadline:
                 break
+    except Exception as exc:  # a rank raised outside the scenarios, or died (signal, exit)
+        crash = f"{type(exc).__name__}: {exc}"
     finally:
         alive = [p for p in ctx.processes if p.is_alive()]
         for p in alive:
@@ -49,7 +52,8 @@ def _run_group(tmp_dir, world, plan, backend="gloo"):
         with open(path) if os.path.exists(path) else open(os.devnull) as f:
             text = f.read()
         results.append(json.loads(text) if text else {})
-    return results, (f"{len(alive)} rank(s) killed after {WAIT_S} s" if alive else None)
+    problem = crash or (f"{len(alive)} rank(s) killed after {WAIT_S} s" if alive else None)
+    return results, problem
 
 
 def _scenario(group, name):
@@ -57,7 +61,7 @@ def _scenario(group, name):
     results, timeout = group
     problems = [f"rank {r}: {res[name]['trace'] if name in res else 'no result (crash/hang)'}"
                 for r, res in enumerate(results) if not res.get(name, {}).get("ok")]
-    if timeout:
+    if timeout and problems:  # a crash after every scenario was recorded is torch's teardown
         problems.append(timeout)
     assert not problems, "\n".join(problems)
     return [res[name]["value"] for res in results]
