@@ -92,15 +92,20 @@ class ABN(nn.Module):
             nn.init.zeros_(self.bias)
 
     def _momentum_and_training(self):
-        """(momentum, use batch statistics), with nn.BatchNorm's rules: momentum None counts
-        batches for a cumulative average; without running stats, batch stats are always used."""
+        """(momentum, use batch statistics, counts this batch), with nn.BatchNorm's rules:
+        momentum None averages cumulatively over the batches counted so far; without running
+        stats, batch stats are always used. Nothing is written here: num_batches_tracked only
+        moves once the op has succeeded (`_count_batch`), so a rejected call changes nothing."""
         momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
+        counts = bool(self.training and self.track_running_stats)
+        if counts and self.momentum is None:
+            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
         training = self.training or self.running_mean is None
-        return momentum, training
+        return momentum, training, counts
+
+    def _count_batch(self, counts: bool) -> None:
+        if counts:
+            self.num_batches_tracked.add_(1)
 
     def _running_stats(self):
         if self.training and not self.track_running_stats:
@@ -112,10 +117,11 @@ class ABN(nn.Module):
         return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        momentum, training = self._momentum_and_training()
+        momentum, training, counts = self._momentum_and_training()
         running_mean, running_var = self._running_stats()
         y = F.batch_norm(x, running_mean, running_var, self.weight, self.bias, training,
                          momentum, self.eps)
+        self._count_batch(counts)
         # y is batch_norm's fresh output, so activating it in place never touches x.
         if self.activation == "relu":
             return F.relu(y, inplace=True)
@@ -162,10 +168,12 @@ class InPlaceABN(ABN):
         return None if self.weight is None else self.weight.abs() + self.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        momentum, training = self._momentum_and_training()
+        momentum, training, counts = self._momentum_and_training()
         running_mean, running_var = self._running_stats()
-        return inplace_abn(x, self.weight, self.bias, running_mean, running_var, training,
-                           momentum, self.eps, self.activation, self.activation_param)
+        z = inplace_abn(x, self.weight, self.bias, running_mean, running_var, training,
+                        momentum, self.eps, self.activation, self.activation_param)
+        self._count_batch(counts)
+        return z
 
 
 class InPlaceABNSync(InPlaceABN):
@@ -185,11 +193,13 @@ class InPlaceABNSync(InPlaceABN):
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        momentum, training = self._momentum_and_training()
+        momentum, training, counts = self._momentum_and_training()
         running_mean, running_var = self._running_stats()
-        return inplace_abn_sync(x, self.weight, self.bias, running_mean, running_var, training,
-                                momentum, self.eps, self.activation, self.activation_param,
-                                self.group)
+        z = inplace_abn_sync(x, self.weight, self.bias, running_mean, running_var, training,
+                             momentum, self.eps, self.activation, self.activation_param,
+                             self.group)
+        self._count_batch(counts)
+        return z
 
 
 # ------------------------------------------------------------------------------------------

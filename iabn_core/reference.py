@@ -21,9 +21,10 @@ import numpy as np
 ACTIVATIONS = ("identity", "leaky_relu", "elu")
 LAYOUTS = ("ncs", "nsc")
 
-# Largest float64 strictly above -1: log1p of it is about -36.7, i.e. finite. The ELU inverse
-# clamps z/p to this so that a z at (or rounded below) the asymptote -p never gives -inf/NaN.
-ELU_INVERSE_FLOOR = float(np.nextafter(-1.0, 0.0))
+# The ELU inverse clamps z/p to -1 + 2^-24 (so y >= log(2^-24) ~ -16.6): a z at (or rounded below)
+# the asymptote -p has no preimage, and the clamp makes its inverse finite. The same floor in
+# every dtype and backend (it is exact in float32, the kernels' accumulator) keeps them equal.
+ELU_INVERSE_FLOOR = -1.0 + 2.0**-24
 
 
 # ----------------------------------------------------------------------------------- layouts
@@ -138,14 +139,15 @@ def act_inverse(name: str, z, param: float) -> np.ndarray:
 
 def act_derivative(name: str, z, param: float) -> np.ndarray:
     """dz/dy written in terms of z: identity 1; leaky_relu 1 if z >= 0 else p;
-    elu 1 if z >= 0 else z + p (= p*exp(y))."""
+    elu 1 if z >= 0 else max(z + p, 0) (= p*exp(y); a stored z rounded below the asymptote -p
+    gives 0, not a slope of the wrong sign)."""
     _check_act(name, param)
     z = np.asarray(z, dtype=np.float64)
     if name == "identity":
         return np.ones_like(z)
     if name == "leaky_relu":
         return np.where(z >= 0, 1.0, param)
-    return np.where(z >= 0, 1.0, z + param)
+    return np.where(z >= 0, 1.0, np.maximum(z + param, 0.0))
 
 
 # --------------------------------------------------------------------------------- forward

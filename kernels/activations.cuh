@@ -27,13 +27,11 @@ struct LeakyRelu {
   }
 };
 
-// Smallest value above -1 in A: z / alpha is clamped to it so that the inverse of any finite z
-// stays finite. Rounding can push a stored z to or below -alpha (e.g. for y << 0 in fp16); the
-// official package's inverse returned NaN/-Inf there (its issue #70).
-template <class A> struct EluClamp { __device__ static A value() { return -1.0f + 5.9604645e-08f; } };
-template <> struct EluClamp<double> {
-  __device__ static double value() { return -1.0 + 1.1102230246251565e-16; }
-};
+// z / alpha is clamped to -1 + 2^-24 before log1p, so the inverse of any finite z stays finite
+// (y >= log(2^-24) ~ -16.6). Rounding can push a stored z to or below -alpha (e.g. for y << 0 in
+// fp16); the official package's inverse returned NaN/-Inf there (its issue #70). One floor for
+// every accumulator type (exact in float) keeps float and double kernels and the reference equal.
+template <class A> __device__ __forceinline__ A elu_floor() { return A(-1) + A(5.9604644775390625e-08); }
 
 // z = y for y >= 0, alpha * (exp(y) - 1) otherwise; dz/dy = alpha * exp(y) = z + alpha.
 struct Elu {
@@ -41,7 +39,7 @@ struct Elu {
     return y >= A(0) ? y : alpha * acc_expm1(y);
   }
   template <class A> __device__ __forceinline__ static A inverse(A z, A alpha) {
-    return z >= A(0) ? z : acc_log1p(acc_max(z * (A(1) / alpha), EluClamp<A>::value()));
+    return z >= A(0) ? z : acc_log1p(acc_max(z * (A(1) / alpha), elu_floor<A>()));
   }
   template <class A> __device__ __forceinline__ static A derivative(A z, A alpha) {
     // Clamped at 0: a z rounded below -alpha must not flip the gradient's sign.

@@ -165,3 +165,36 @@ def test_backward_out_traffic_is_one_pass():
     assert 4 * x.nbytes <= ld <= 4 * x.nbytes + 64 * 8 * 8 * 8
     assert x.nbytes <= st <= x.nbytes + 64 * 8 * 8 * 8
     assert launches == 3
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_elu_outputs_below_the_asymptote(backend):
+    """A stored ELU output at or below -alpha (low-precision rounding) has a clamped inverse and a
+    zero slope on every backend, exactly as the reference says: finite, and no sign flip."""
+    from iabn_core import reference as ref
+    from iabn_core.backends.base import Problem
+
+    alpha = 0.3
+    pair = PAIRS[2]  # float16 inputs, float32 parameters
+    prob = Problem(n=1, c=2, s=4, layout="nsc", x_dtype=pair.x, param_dtype=pair.param,
+                   acc_dtype=pair.acc, activation="elu", activation_param=alpha, eps=1e-5,
+                   has_weight=True, has_bias=True)
+    z0 = np.array([[[-0.3, -0.31], [-0.5, 0.25], [-1.0, -0.29], [0.7, -2.0]]], np.float16)
+    dz0 = np.array([[[1.0, -1.0], [0.5, 2.0], [-1.5, 1.0], [1.0, 0.25]]], np.float16)
+    stats0 = np.array([[4, 4], [0.1, -0.2], [1.5, 0.5], [1 / np.sqrt(1.5 + 1e-5),
+                                                        1 / np.sqrt(0.5 + 1e-5)]], np.float32)
+    w0, b0 = np.array([0.8, -1.2], np.float32), np.array([0.1, -0.3], np.float32)
+    want = ref.backward(z0.astype(np.float64), dz0.astype(np.float64), stats0[3], stats0[0],
+                        w0, b0, training=True, eps=1e-5, activation="elu", param=alpha,
+                        layout="nsc")
+    host = verify.Host(backend)
+    be = backends.get(backend)
+    z, dz, stats, w, b = (host.put(a) for a in (z0, dz0, stats0, w0, b0))
+    sums, dw, db = be.backward_finalize(prob, be.backward_reduce(prob, z, dz, stats, w, b), w, b)
+    be.backward_elementwise(prob, z, dz, stats, sums, w, b, True)
+    got_sums, got_dx = host.get(sums), host.get(dz)
+    assert np.all(np.isfinite(got_sums)) and np.all(np.isfinite(got_dx))
+    assert ref.rel_error(got_sums[0], want["sum_dy"]) < 1e-5
+    assert ref.rel_error(got_sums[1], want["sum_dy_xhat"]) < 1e-5
+    assert ref.rel_error(got_dx, want["dx"]) < 2e-3
+    assert want["dy"][0, 0, 1] == 0.0  # z = -0.31 < -alpha: zero slope, not -0.01

@@ -243,8 +243,12 @@ def test_leaf_requiring_grad_is_refused_before_writing():
 
 def test_module_refuses_leaf_input():
     x = torch.randn(2, 3, 4, requires_grad=True)
+    m = it.InPlaceABN(3, momentum=None)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
     with pytest.raises(IABNError, match="leaf"):
-        it.InPlaceABN(3)(x)
+        m(x)
+    for k, v in m.state_dict().items():  # a rejected call moves no buffer, not even the count
+        assert torch.equal(v, state[k]), k
     with torch.no_grad():  # nothing to differentiate: in place on a leaf is fine
         it.InPlaceABN(3)(x)
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..reference import ELU_INVERSE_FLOOR
+
 from iabn_core.dtypes import numpy_dtype
 from iabn_core.merge import merge_partials
 
 # Bound float64 temporaries to ~32 MiB each by processing this many elements per chunk.
 _CHUNK_ELEMS = 1 << 22
 # Same floor as the reference: log1p stays finite in float64 for z/p at or below -1.
-_ELU_FLOOR = float(np.nextafter(-1.0, 0.0))
 
 
 def _axes(prob):
@@ -80,8 +81,8 @@ def _act_inverse_and_slope(prob, z):
         slope[neg] = p
     elif prob.activation == "elu":
         zn = z[neg]
-        y[neg] = np.log1p(np.maximum(zn / p, _ELU_FLOOR))
-        slope[neg] = zn + p
+        y[neg] = np.log1p(np.maximum(zn / p, ELU_INVERSE_FLOOR))
+        slope[neg] = np.maximum(zn + p, 0.0)  # a z rounded below -p must not flip the sign
     else:
         raise ValueError(f"unknown activation {prob.activation!r}")
     return y, slope
