@@ -115,7 +115,8 @@ def _device_scope(t: torch.Tensor):
     cupy = _cupy()
     with torch.cuda.device(t.device), cupy.cuda.Device(t.device.index):
         ts = torch.cuda.current_stream(t.device)
-        if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14: CUDA stream protocol
+        if hasattr(cupy.cuda.Stream, "from_external") and hasattr(ts, "__cuda_stream__"):
+            # CuPy >= 14 and a torch that speaks the CUDA stream protocol
             cs = cupy.cuda.Stream.from_external(ts)
         else:  # CuPy 13
             cs = cupy.cuda.ExternalStream(ts.cuda_stream, t.device.index)

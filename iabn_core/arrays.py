@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .dtypes import dtype_name
 
 
 def kind(a) -> str | None:
@@ -20,16 +19,20 @@ def device(a) -> str:
     return "cpu" if kind(a) == "numpy" else f"cuda:{a.device.id}"
 
 
+def device_scope(a):
+    """Context making a CuPy array's device current (kernels and workspaces must live there);
+    nothing for NumPy arrays."""
+    import contextlib
+
+    return a.device if kind(a) == "cupy" else contextlib.nullcontext()
+
+
 def data_ptr(a) -> int:
     return a.ctypes.data if kind(a) == "numpy" else a.data.ptr
 
 
 def writeable(a) -> bool:
     return bool(a.flags.writeable) if kind(a) == "numpy" else True
-
-
-def name_of_dtype(a) -> str:
-    return dtype_name(a.dtype)
 
 
 def byte_span(a) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from . import arrays
 from . import backends as _backends
 from . import comm as _comm
 from . import validate
@@ -63,6 +64,14 @@ class Context:
 def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *, training=True,
             momentum=0.1, eps=1e-5, activation="leaky_relu", activation_param=0.01,
             backend=None, comm=None) -> Context:
+    """Validates everything, then x <- z in place; returns the Context backward needs."""
+    with arrays.device_scope(x):
+        return _forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                        activation, activation_param, backend, comm)
+
+
+def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps, activation,
+             activation_param, backend, comm) -> Context:
     synced = comm is not None and training is True  # eval uses running stats: no collectives
     try:
         # Synced, a rank may hold no samples; the count is judged globally in comm.agree.
@@ -79,6 +88,9 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *, t
         # Same C everywhere and a global count >= 2, checked on every rank before the stats
         # all-gather (whose sizes must match on all ranks); see iabn_core/comm.py.
         _comm.agree(comm, prob.c, prob.count, x)
+    # Compile/load every kernel this call needs before the first write: a compiler or loader
+    # failure must not leave running stats updated and x untouched.
+    be.prepare(prob, ("stats.cu", "forward.cu"))
     x3 = view3(x, layout)
     if training:
         partials = be.batch_stats(prob, x3)
@@ -99,7 +111,13 @@ def backward(ctx: Context, z, dz, out=None):
         raise validate.IABNError(f"ctx must be the Context returned by forward, got "
                                  f"{type(ctx).__name__}")
     validate.backward_buffers(ctx, z, dz, out)
+    with arrays.device_scope(z):
+        return _backward(ctx, z, dz, out)
+
+
+def _backward(ctx: Context, z, dz, out):
     prob, be = ctx.prob, ctx.backend
+    be.prepare(prob, ("backward.cu",))
     z3, dz3 = view3(z, ctx.layout), view3(dz, ctx.layout)
     dx3 = dz3 if out is None else view3(out, ctx.layout)
     sums = dweight = dbias = None

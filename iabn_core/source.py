@@ -8,7 +8,6 @@ pointing at the original file and line.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -56,6 +55,3 @@ def assembled(filename: str) -> str:
     path = kernel_dir() / filename
     return f'#line 1 "kernels/{filename}"\n' + _expand(path, set())
 
-
-def digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -64,7 +64,7 @@ def check_input(x, name: str = "x") -> tuple[str, str]:
 def check_scalars(training, momentum, eps, activation, activation_param):
     if not isinstance(training, bool):
         _fail(f"training must be a bool, got {training!r}")
-    if not (_real(eps) and math.isfinite(eps) and eps > 0):
+    if not (_real(eps) and eps > 0):
         _fail(f"eps must be a finite number > 0, got {eps!r}")
     if not (_real(momentum) and 0.0 <= momentum <= 1.0):
         _fail(f"momentum must be in [0, 1], got {momentum!r}")
@@ -105,7 +105,8 @@ def check_params(x, c: int, x_dtype: str, params: dict, training: bool) -> str:
 
 def problem(x, weight, bias, running_mean, running_var, *, training, momentum, eps, activation,
             activation_param, min_count: int = 2) -> tuple[Problem, str]:
-    """Validate everything for forward; returns (Problem, layout) or raises IABNError."""
+    """Validate everything for forward; returns (Problem, layout) or raises IABNError.
+    Called before any write (and before any kernel is compiled or launched)."""
     x_dtype, layout = check_input(x)
     check_scalars(training, momentum, eps, activation, activation_param)
     n, c = int(x.shape[0]), int(x.shape[1])
@@ -117,6 +118,13 @@ def problem(x, weight, bias, running_mean, running_var, *, training, momentum, e
     if training and n * s < min_count:
         _fail(f"Expected more than 1 value per channel when training, got x of shape "
               f"{tuple(x.shape)}")
+    # The op writes x (and the running stats) while reading the parameters: any two of these
+    # buffers sharing memory would make the result depend on the order of writes.
+    named = [("x", x)] + [(k, v) for k, v in params.items() if v is not None]
+    for i, (name_a, a) in enumerate(named):
+        for name_b, b in named[i + 1:]:
+            if arrays.overlaps(a, b):
+                _fail(f"{name_b} shares memory with {name_a}; pass separate buffers")
     prob = Problem(n=n, c=c, s=s, layout=layout, x_dtype=x_dtype, param_dtype=param_dt,
                    acc_dtype=ACC[x_dtype], activation=activation,
                    activation_param=float(activation_param), eps=float(eps),
@@ -139,8 +147,9 @@ def backward_buffers(ctx, z, dz, out=None):
                   f"got strides {tuple(a.strides)}; iabn does not copy silently")
     if not arrays.writeable(dz):
         _fail("dz is read-only; backward writes dx into dz's buffer")
-    if arrays.overlaps(z, dz):
-        _fail("z and dz share memory; backward writes dx over dz while reading z")
+    if out is None and arrays.overlaps(z, dz):
+        _fail("z and dz share memory; backward writes dx over dz while reading z "
+              "(pass out= to write dx elsewhere)")
     if out is not None:
         if not arrays.writeable(out):
             _fail("out is read-only; backward writes dx into it")

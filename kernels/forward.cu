@@ -1,5 +1,5 @@
 // Forward, in place: x <- act(gamma * (x - mean) * invstd + bias), gamma = |weight| + eps.
-// One read and one write of x; the per-channel coefficients are formed once per thread.
+// One read and one write of x; the per-channel coefficients are formed once per block.
 #include "activations.cuh"
 #include "common.cuh"
 #include "layout.cuh"

@@ -239,3 +239,18 @@ def test_backward_out_must_not_overlap_z_or_dz(backend):
     ro.flags.writeable = False
     with pytest.raises(IABNError, match="^out is read-only"):
         ops.backward(ctx, z, dz, out=ro)
+
+
+@pytest.mark.parametrize("case", ["stats_alias", "weight_in_x", "bias_is_running_mean"])
+def test_buffers_sharing_memory_are_refused(backend, case):
+    x, p = make()
+    if case == "stats_alias":
+        p["running_var"] = p["running_mean"]
+        match = "^running_var shares memory with running_mean"
+    elif case == "weight_in_x":
+        p["weight"] = x.reshape(-1)[:C]  # a contiguous view into x
+        match = "^weight shares memory with x"
+    else:
+        p["bias"] = p["running_mean"]
+        match = "^running_mean shares memory with bias"
+    rejects(match, x, p, backend)

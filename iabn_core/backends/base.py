@@ -44,10 +44,6 @@ class Problem:
         """Values per channel in this replica's batch (m = N * S)."""
         return self.n * self.s
 
-    @property
-    def numel(self) -> int:
-        return self.n * self.c * self.s
-
 
 class Backend(Protocol):
     """One implementation per execution engine (cuda, emulator, numpy).
@@ -58,6 +54,9 @@ class Backend(Protocol):
     """
 
     name: str
+
+    def prepare(self, prob: Problem, filenames) -> None:
+        """Make ready (compile/load) the kernel files a call will use, before any write."""
 
     def batch_stats(self, prob: Problem, x3: Any) -> Any:
         """Partials (G, 3, C) of x over N and S; G is backend/plan dependent (>= 1)."""

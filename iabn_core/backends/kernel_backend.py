@@ -24,13 +24,18 @@ class KernelBackend:
         self.name = runtime.name
         self.launches = 0  # kernel launches so far; tests assert per-step counts
 
+    def prepare(self, prob: Problem, filenames) -> None:
+        """Compile/load the modules a call will use, before it writes anything."""
+        pair = self._pair(prob)
+        for f in filenames:
+            spec = inst.module_for(f, pair)
+            self.rt.function(spec, spec.names[0])
+
     # -- helpers ---------------------------------------------------------------------------
     def _launch(self, prob: Problem, filename: str, name: str, grid, block, args):
-        pair = find_pair(prob.x_dtype, prob.param_dtype)
-        fn = self.rt.function(inst.module_for(filename, pair), name)
+        fn = self.rt.function(inst.module_for(filename, self._pair(prob)), name)
         self.launches += 1
         fn(grid, block, tuple(self.rt.null if a is None else a for a in args))
-        return fn
 
     def _acc(self, prob: Problem, v: float):
         return numpy_dtype(prob.acc_dtype).type(v)

@@ -93,6 +93,9 @@ class NumpyBackend:
 
     name = "numpy"
 
+    def prepare(self, prob, filenames) -> None:
+        """Nothing to compile."""
+
     # ------------------------------------------------------------------- statistics
     def batch_stats(self, prob, x3):
         """(1, 3, C) partials: exact two-pass mean and biased variance in float64."""
