@@ -12,6 +12,7 @@ from .dtypes import ACC, INPUT_DTYPES, allowed_params, default_param, dtype_name
 from .layout import detect
 
 PARAM_NAMES = ("weight", "bias", "running_mean", "running_var")
+MAX_CHANNELS = 2**31 - 1  # gridDim.x limit: the contiguous layout runs a block column per channel
 
 
 class IABNError(ValueError):
@@ -111,6 +112,9 @@ def problem(x, weight, bias, running_mean, running_var, *, training, momentum, e
     check_scalars(training, momentum, eps, activation, activation_param)
     n, c = int(x.shape[0]), int(x.shape[1])
     s = math.prod(int(d) for d in x.shape[2:])
+    if c > MAX_CHANNELS:
+        _fail(f"x has {c} channels; at most {MAX_CHANNELS} are supported (one CUDA grid row "
+              "of blocks per channel)")
     params = dict(weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     param_dt = check_params(x, c, x_dtype, params, training)
     if n * s == 0 and min_count > 0:

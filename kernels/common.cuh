@@ -17,6 +17,11 @@
 #ifndef IABN_COUNT_STORE
 #define IABN_COUNT_STORE(nbytes) ((void)0)
 #endif
+// Alignment check of vector accesses: free on the GPU (where a misaligned one faults anyway),
+// an error naming the kernel line in the emulator (where it would silently work).
+#ifndef IABN_CHECK_ALIGNED
+#define IABN_CHECK_ALIGNED(ptr, nbytes) ((void)0)
+#endif
 
 namespace iabn {
 
@@ -75,11 +80,13 @@ template <class Acc> __device__ __forceinline__ Acc sign_of(Acc v) {
 template <class T, int VEC> struct alignas(sizeof(T) * VEC) Vec { T v[VEC]; };
 
 template <int VEC, class T> __device__ __forceinline__ Vec<T, VEC> load_vec(const T* p) {
+  IABN_CHECK_ALIGNED(p, sizeof(Vec<T, VEC>));
   IABN_COUNT_LOAD(sizeof(T) * VEC);
   return *reinterpret_cast<const Vec<T, VEC>*>(p);
 }
 
 template <int VEC, class T> __device__ __forceinline__ void store_vec(T* p, const Vec<T, VEC>& v) {
+  IABN_CHECK_ALIGNED(p, sizeof(Vec<T, VEC>));
   IABN_COUNT_STORE(sizeof(T) * VEC);
   *reinterpret_cast<Vec<T, VEC>*>(p) = v;
 }

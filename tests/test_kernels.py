@@ -198,3 +198,50 @@ def test_elu_outputs_below_the_asymptote(backend):
     assert ref.rel_error(got_sums[1], want["sum_dy_xhat"]) < 1e-5
     assert ref.rel_error(got_dx, want["dx"]) < 2e-3
     assert want["dy"][0, 0, 1] == 0.0  # z = -0.31 < -alpha: zero slope, not -0.01
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+def test_misaligned_buffers_take_the_scalar_path(backend, layout):
+    """A buffer starting 2 bytes past a 16-byte boundary cannot use 16-byte vectors: the plan
+    falls back to VEC=1 and the results still match (the emulator traps on any misaligned
+    vector access, as a GPU would fault)."""
+    case = verify.Case(PAIRS[2], layout, "leaky_relu", True, (2, 8, 4, 4))
+    x0, dz0, w, b, rm, rv = verify.make_inputs(case, seed=9)
+    host = verify.Host(backend)
+
+    def shifted(a):  # same values, data pointer at +1 element (2 bytes for float16)
+        flat = np.empty(a.size + 1, a.dtype)[1:]
+        order = np.argsort(a.strides)[::-1]  # keep a's memory order (channels-last too)
+        buf = flat.reshape(tuple(np.array(a.shape)[order]))
+        view = buf.transpose(np.argsort(order))
+        view[...] = a
+        return view
+
+    outs = []
+    for make in (lambda a: a.copy(order="K"), shifted):
+        x, dz = host.put(make(x0)), host.put(make(dz0))
+        if not host.gpu:
+            assert (x.ctypes.data % 16 != 0) == (make is shifted)
+        ctx = ops.forward(x, *(host.put(a.copy()) for a in (w, b, rm, rv)), backend=backend)
+        dx, dw, db = ops.backward(ctx, x, dz)
+        outs.append([host.get(a) for a in (x, dx, dw, db)])
+    for a, b_ in zip(*outs):
+        np.testing.assert_allclose(a, b_, rtol=2e-3, atol=2e-3)
+
+
+def test_emulator_traps_a_misaligned_vector_access():
+    from iabn_core.emulator import EmulatorError
+    from iabn_core.instantiations import forward as forward_name
+
+    pair = PAIRS[0]
+    name = forward_name(pair, "identity", "ncs", 4)
+    rt = backends.get("emulator").rt
+    from iabn_core.instantiations import module_for
+
+    kernel = rt.function(module_for("forward.cu", pair), name)
+    x = np.zeros(33, np.float32)[1:]  # 4 bytes past a 16-byte boundary
+    stats = np.ones((4, 1), np.float32)
+    with pytest.raises(EmulatorError, match=r"__trap\(\) called at kernels/common.cuh"):
+        kernel((1, 1, 1), (8, 32, 1), (x, stats, None, None, np.float32(1e-5), np.float32(0),
+                                      np.int64(1), np.int64(1), np.int64(32), np.int64(8)))

@@ -131,6 +131,10 @@ unsigned char iabn_emu_dyn_smem[iabn_emu::kMaxDynSmem];
 
 // Global-memory traffic counters (the kernel headers call these from their
 // load/store helpers; they default to nothing outside the emulator).
+// A misaligned vector access works on a CPU but faults on a GPU: report it as a trap at the
+// kernel's file:line (the kernels check every vector access through this hook).
+#define IABN_CHECK_ALIGNED(p, n) \
+  ((reinterpret_cast<unsigned long long>(p) % (unsigned long long)(n)) ? __trap() : (void)0)
 #define IABN_COUNT_LOAD(n) ((void)(::iabn_emu::g_loaded += (unsigned long long)(n)))
 #define IABN_COUNT_STORE(n) ((void)(::iabn_emu::g_stored += (unsigned long long)(n)))
 
