@@ -14,15 +14,6 @@ import sys
 import time
 
 
-def _gpu_present() -> bool:
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
-
-
 def environment(backend: str) -> dict:
     info = {"backend": backend, "python": platform.python_version(), "machine": platform.machine()}
     try:
@@ -76,7 +67,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--summary", action="store_true", help="list failing cases only")
     args = ap.parse_args(argv)
-    backend = args.backend or ("cuda" if _gpu_present() else "emulator")
+    from iabn_core.backends.cuda import gpu_available
+
+    backend = args.backend or ("cuda" if gpu_available() else "emulator")
 
     env = environment(backend)
     print("iabn correctness check")

@@ -12,12 +12,9 @@ import pytest
 
 @functools.lru_cache(maxsize=None)
 def gpu_available() -> bool:
-    try:
-        import cupy
+    from iabn_core.backends.cuda import gpu_available as probe
 
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # no CuPy, no driver, or no device
-        return False
+    return probe()
 
 
 def backend_params(*names):

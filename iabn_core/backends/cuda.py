@@ -22,6 +22,16 @@ def import_cupy():
     return cupy
 
 
+def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no CuPy, no driver, or no device
+        return False
+
+
 class CudaRuntime:
     name = "cuda"
     null = np.uint64(0)  # a null pointer is passed as a 64-bit zero

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import reference as ref
 from ..reference import ELU_INVERSE_FLOOR
 
 from iabn_core.dtypes import numpy_dtype
@@ -42,15 +43,11 @@ def _f64(a):
 
 
 def _gamma(prob, weight):
-    if prob.has_weight and weight is not None:
-        return np.abs(_f64(weight)) + prob.eps
-    return np.ones(prob.c)
+    return ref.gamma(weight, prob.eps, prob.c)
 
 
 def _bias(prob, bias):
-    if prob.has_bias and bias is not None:
-        return _f64(bias)
-    return np.zeros(prob.c)
+    return np.zeros(prob.c) if bias is None else _f64(bias)
 
 
 def _act_forward(prob, y):
