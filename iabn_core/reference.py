@@ -12,7 +12,7 @@ Notation, per channel c over the N * S values of the batch (count m = N * S):
   backward: y = act^-1(z), dy = dz * act'(z), xhat = (y - b) / gamma~
             training: dx = gamma~ * invstd * (dy - sum(dy)/m - xhat * sum(dy*xhat)/m)
             eval:     dx = gamma~ * invstd * dy
-            dweight = sign(w) * sum(dy * xhat), dbias = sum(dy)
+            dweight = s(w) * sum(dy * xhat), dbias = sum(dy), s(w) = -1 if w < 0 else +1
 """
 from __future__ import annotations
 
@@ -99,6 +99,13 @@ def gamma(weight, eps: float, c: int) -> np.ndarray:
     if weight is None:
         return np.ones(c)
     return np.abs(np.asarray(weight, dtype=np.float64)) + eps
+
+
+def abs_slope(weight) -> np.ndarray:
+    """d|w|/dw as used for dweight: -1 where w < 0, else +1. At w = 0 this is the official
+    package's convention, not sign(0) = 0: a zero weight (timm zero-initialises the last norm
+    of residual blocks) gets the gradient of gamma~ and trains, as a BatchNorm weight would."""
+    return np.where(np.asarray(weight, np.float64) < 0, -1.0, 1.0)
 
 
 def _bias(bias, c: int) -> np.ndarray:
@@ -199,7 +206,8 @@ def backward(z, dz, inv_std, count, weight=None, bias=None, *, training: bool,
              layout: str = "ncs") -> dict:
     """Backward from the output z and its gradient dz only (x is never stored).
     Returns y, dy, xhat, dx (in ``layout``), sum_dy, sum_dy_xhat, dweight, dbias
-    (dweight = sign(w) * sum(dy*xhat), None without weight; dbias = sum(dy), None without bias)."""
+    (dweight = abs_slope(w) * sum(dy*xhat), None without weight; dbias = sum(dy), None without
+    bias)."""
     z = to_ncs(z, layout)
     dz = to_ncs(dz, layout)
     c = z.shape[1]
@@ -211,7 +219,7 @@ def backward(z, dz, inv_std, count, weight=None, bias=None, *, training: bool,
     sum_dy_xhat = (dy * xhat).sum(axis=(0, 2))
     count = np.broadcast_to(np.asarray(count, np.float64), (c,))
     dx = input_grad(dy, xhat, gam, inv_std, count, sum_dy, sum_dy_xhat, training)
-    dweight = None if weight is None else np.sign(np.asarray(weight, np.float64)) * sum_dy_xhat
+    dweight = None if weight is None else abs_slope(weight) * sum_dy_xhat
     dbias = None if bias is None else sum_dy.copy()
     return {"y": from_ncs(y, layout), "dy": from_ncs(dy, layout),
             "xhat": from_ncs(xhat, layout), "dx": from_ncs(dx, layout), "sum_dy": sum_dy,

@@ -1,7 +1,7 @@
 // Backward from the saved output z and the incoming gradient dz only (x was overwritten):
 //   y = act^-1(z), dy = dz * act'(z), xhat = (y - bias) / gamma      (all in registers)
 //   iabn_backward_reduce      partial sums (G, 2, C) of dy and dy * xhat
-//   iabn_backward_finalize    ordered merge -> sums (2, C); dweight = sign(w) sum(dy xhat), dbias = sum(dy)
+//   iabn_backward_finalize    ordered merge -> sums (2, C); dweight = abs_slope(w) sum(dy xhat), dbias = sum(dy)
 //   iabn_backward_elementwise dx (which may be dz's own buffer: in place):
 //       training: dx = gamma * invstd * (dy - sum(dy)/m - xhat * sum(dy xhat)/m)
 //       eval:     dx = gamma * invstd * dy
@@ -85,8 +85,8 @@ iabn_backward_finalize(const Acc* __restrict__ partials, long long G, long long 
   }
   store(sums + c, dy);
   store(sums + C + c, dy_xhat);
-  // d|w|/dw = sign(w); gamma = |w| + eps, and dL/dgamma = sum(dy * xhat).
-  if (dweight) store(dweight + c, Cast<P>::from(sign_of(to_acc<Acc>(load(weight + c))) * dy_xhat));
+  // gamma = |w| + eps and dL/dgamma = sum(dy * xhat); d|w|/dw is +1 at w = 0 (abs_slope).
+  if (dweight) store(dweight + c, Cast<P>::from(abs_slope(to_acc<Acc>(load(weight + c))) * dy_xhat));
   if (dbias) store(dbias + c, Cast<P>::from(dy));
 }
 

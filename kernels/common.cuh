@@ -69,9 +69,11 @@ __device__ __forceinline__ double acc_log1p(double v) { return log1p(v); }
 __device__ __forceinline__ float acc_max(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double acc_max(double a, double b) { return fmax(a, b); }
 
-// sign(w) with sign(0) = 0, the subgradient autograd uses for |w|.
-template <class Acc> __device__ __forceinline__ Acc sign_of(Acc v) {
-  return v > Acc(0) ? Acc(1) : (v < Acc(0) ? Acc(-1) : Acc(0));
+// d|w|/dw as the official package takes it: -1 where w < 0, else +1 (w = 0 and -0 included).
+// Not sign(w): with sign(0) = 0 a weight at exactly 0 would get no gradient and never train,
+// and zero-initialised norms (timm's zero_init_last) are common. NaN gives +1 (NaN * sum).
+template <class Acc> __device__ __forceinline__ Acc abs_slope(Acc v) {
+  return v < Acc(0) ? Acc(-1) : Acc(1);
 }
 
 // ---- global memory access ------------------------------------------------------------------

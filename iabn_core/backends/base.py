@@ -79,7 +79,7 @@ class Backend(Protocol):
 
     def backward_finalize(self, prob: Problem, partial_sums: Any, weight: Any,
                           bias: Any) -> tuple[Any, Any, Any]:
-        """(sums (2, C), dweight or None, dbias or None); dweight = sign(w) * sum(dy*xhat)."""
+        """(sums (2, C), dweight or None, dbias or None); dweight = abs_slope(w) * sum(dy*xhat)."""
 
     def backward_elementwise(self, prob: Problem, z3: Any, dz3: Any, stats: Any, sums: Any,
                              weight: Any, bias: Any, training: bool, dx3: Any = None) -> None:

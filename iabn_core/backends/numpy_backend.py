@@ -187,7 +187,7 @@ class NumpyBackend:
         pdt = numpy_dtype(prob.param_dtype)
         dweight = dbias = None
         if prob.has_weight:
-            dweight = (np.sign(_f64(weight)) * total[1]).astype(pdt)
+            dweight = (ref.abs_slope(weight) * total[1]).astype(pdt)
         if prob.has_bias:
             dbias = total[0].astype(pdt)
         return total.astype(numpy_dtype(prob.acc_dtype)), dweight, dbias
