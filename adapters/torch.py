@@ -7,11 +7,15 @@ IABN_BACKEND=emulator); CUDA tensors run the CUDA kernels through DLPack on torc
 stream, with workspaces from torch's allocator. Works with torch.compile(fullgraph=True),
 torch.autocast (float16/bfloat16 inputs with float32 parameters) and channels_last.
 `convert_model`, `from_batchnorm` and `to_batchnorm` convert to and from torch.nn.BatchNorm.
+Code that imports the official `inplace_abn` runs unchanged after `register_inplace_abn()`.
 """
-from .torch_modules import (ABN, IABNConversionWarning, InPlaceABN, InPlaceABNSync,
-                            convert_model, from_batchnorm, to_batchnorm, to_sync)
+from .torch_compat import register_inplace_abn
+from .torch_group import active_group, set_active_group
+from .torch_modules import (ABN, IN_PLACE_MODULES, IABNConversionWarning, InPlaceABN,
+                            InPlaceABNSync, convert_model, from_batchnorm, to_batchnorm, to_sync)
 from .torch_ops import IABNError, SyncFallbackWarning, inplace_abn, inplace_abn_sync
 
 __all__ = ["ABN", "InPlaceABN", "InPlaceABNSync", "inplace_abn", "inplace_abn_sync",
+           "active_group", "set_active_group", "register_inplace_abn", "IN_PLACE_MODULES",
            "convert_model", "from_batchnorm", "to_batchnorm", "to_sync", "IABNError",
            "IABNConversionWarning", "SyncFallbackWarning"]

@@ -20,8 +20,8 @@ from iabn_core.validate import IABNError
 
 from .torch_ops import inplace_abn, inplace_abn_sync
 
-__all__ = ["ABN", "InPlaceABN", "InPlaceABNSync", "convert_model", "from_batchnorm",
-           "to_batchnorm", "to_sync", "IABNConversionWarning"]
+__all__ = ["ABN", "InPlaceABN", "InPlaceABNSync", "IN_PLACE_MODULES", "convert_model",
+           "from_batchnorm", "to_batchnorm", "to_sync", "IABNConversionWarning"]
 
 # ABN does not invert its activation, so it also takes relu; in-place modules cannot.
 _ABN_ACTIVATIONS = ("relu", "leaky_relu", "elu", "identity")
@@ -176,9 +176,16 @@ class InPlaceABN(ABN):
         return z
 
 
-class InPlaceABNSync(InPlaceABN):
+class InPlaceABNSync(ABN):
     """InPlaceABN with batch statistics synchronised over a torch.distributed group (None:
-    the default group). Without torch.distributed it runs locally and warns."""
+    the default group). Without torch.distributed it runs locally and warns.
+
+    Derives from ABN, not InPlaceABN, as in the official package: code that finds the
+    unsynchronised layers with isinstance(m, InPlaceABN) must not pick these up. The
+    in-place behaviour (no relu, gamma = |w| + eps) is InPlaceABN's, shared below."""
+
+    _check_activation = InPlaceABN._check_activation
+    effective_weight = InPlaceABN.effective_weight
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
@@ -219,7 +226,7 @@ def _unrepresentable(bn: _BatchNorm) -> int:
 
 
 def from_batchnorm(bn: _BatchNorm, activation: str = "leaky_relu",
-                   activation_param: float = 0.01) -> InPlaceABN:
+                   activation_param: float = 0.01) -> ABN:
     """An InPlaceABN (InPlaceABNSync for nn.SyncBatchNorm) computing `activation(bn(x))`.
 
     Weights map as w = gamma - eps so that |w| + eps = gamma; channels with gamma <= eps cannot
@@ -285,6 +292,9 @@ def to_batchnorm(m: ABN, bn_class: Optional[type] = None) -> nn.Sequential:
     return nn.Sequential(bn, _activation_module(m)).train(m.training)
 
 
+# Every module that works in place (InPlaceABNSync is not an InPlaceABN, see its class).
+IN_PLACE_MODULES = (InPlaceABN, InPlaceABNSync)
+
 # Modules whose output is a fresh tensor that nothing else keeps for backward, so the
 # following BN may overwrite it.
 _FRESH_OUTPUT = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
@@ -322,7 +332,7 @@ def _why_not(children, i) -> Optional[str]:
     return None
 
 
-def to_sync(m: InPlaceABN, group: Optional[Any] = None) -> InPlaceABNSync:
+def to_sync(m: ABN, group: Optional[Any] = None) -> InPlaceABNSync:
     """The InPlaceABNSync equivalent of an InPlaceABN (same config, state, device, dtype and
     train/eval), synchronising over `group`; an InPlaceABNSync just gets the group."""
     if isinstance(m, InPlaceABNSync):
@@ -346,7 +356,7 @@ def _convert(module: nn.Module, prefix: str, skipped: list, sync: bool = False,
     for i, (name, child) in enumerate(children):
         if child is None:
             continue
-        if sync and isinstance(child, InPlaceABN):
+        if sync and isinstance(child, IN_PLACE_MODULES):
             module._modules[name] = to_sync(child, group)
         elif isinstance(child, _BatchNorm):
             reason = (_why_not(children, i) if in_seq else

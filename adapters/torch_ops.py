@@ -319,8 +319,10 @@ def _apply(x, weight, bias, running_mean, running_var, training, momentum, eps, 
                              group_name)
 
 
-class SyncFallbackWarning(UserWarning):
-    """inplace_abn_sync ran unsynchronised because torch.distributed is not initialised."""
+class SyncFallbackWarning(UserWarning, RuntimeWarning):
+    """inplace_abn_sync ran unsynchronised because torch.distributed is not initialised.
+    A RuntimeWarning too, the category the official package warns with, so filters written
+    for it still apply."""
 
 
 def inplace_abn_sync(x, weight, bias, running_mean, running_var, training=True, momentum=0.1,
@@ -329,14 +331,15 @@ def inplace_abn_sync(x, weight, bias, running_mean, running_var, training=True, 
     group) when training: every rank gets the statistics of the whole global batch, and
     backward all-reduces [sum dy, sum dy*xhat]; dweight/dbias stay local (DDP averages
     them). Ranks may hold different batch sizes, including none. Without an initialised
-    torch.distributed it runs the local version and warns, as the official package does."""
+    torch.distributed it runs the local version and warns (SyncFallbackWarning, in training
+    and eval), as the official package does."""
     dist = torch.distributed
     active = dist.is_available() and dist.is_initialized()
     group_name = ""
-    if training and not active:
-        warnings.warn("inplace_abn_sync: torch.distributed is not initialised; computing "
-                      "unsynchronised (per-process) batch statistics", SyncFallbackWarning,
-                      stacklevel=2)
+    if not active:  # in eval too, as officially: a sync layer without a group is suspect
+        warnings.warn("inplace_abn_sync: torch.distributed is not initialised; running "
+                      "unsynchronised" + (" (per-process batch statistics)" if training else ""),
+                      SyncFallbackWarning, stacklevel=2)
     elif active:
         if dist.get_rank(group) < 0:
             raise IABNError("inplace_abn_sync: this process is not a member of `group`")

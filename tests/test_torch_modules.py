@@ -113,7 +113,8 @@ def test_sync_falls_back_with_warning():
         out = it.InPlaceABNSync(4)(x.clone())
     torch.testing.assert_close(out, it.InPlaceABN(4)(x.clone()))
     m = it.InPlaceABNSync(4, group=None).eval()
-    m(x.clone())  # eval uses running stats: nothing to synchronise, no warning
+    with pytest.warns(it.SyncFallbackWarning):  # in eval too, as the official package does
+        m(x.clone())
 
 
 def test_sync_with_single_process_group_runs_locally_without_warning():
