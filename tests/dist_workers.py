@@ -232,7 +232,53 @@ def scenario_errors(rank, world, sizes=None, device="cpu"):
     return out
 
 
-SCENARIOS = {"match": scenario_match, "ddp": scenario_ddp, "errors": scenario_errors}
+def scenario_active_group(rank, world, sizes, device="cpu"):
+    """active_group/set_active_group: the ranks with sizes[r] > 0 form a group (created once,
+    then cached), an InPlaceABNSync given that group matches one process on those ranks'
+    concatenated batch, and the others take no part. All-active gives WORLD, none-active None."""
+    members = [r for r in range(world) if sizes[r] > 0]
+    group = it.active_group(sizes[rank] > 0)
+    if it.active_group(sizes[rank] > 0) is not group:
+        raise AssertionError("active_group did not return the cached group")
+    if it.active_group(True) is not dist.group.WORLD or it.active_group(False) is not None:
+        raise AssertionError("all-active must give WORLD and none-active None")
+    if rank not in members:
+        if group is not dist.GroupMember.NON_GROUP_MEMBER:
+            raise AssertionError(f"rank {rank} is not active but got a group")
+        return {"members": members}
+    if dist.get_world_size(group) != len(members):
+        raise AssertionError(f"group size {dist.get_world_size(group)} != {len(members)}")
+    off = _offsets(sizes)
+    sl = slice(off[rank], off[rank + 1])
+    x, dz, w, b, rm, rv = _data(off[-1], seed=99, device=device)
+    outs = []
+    for cls in (it.InPlaceABN, it.InPlaceABNSync):
+        m = cls(C, activation="leaky_relu", activation_param=0.1).double().to(device)
+        with torch.no_grad():
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+        if cls is it.InPlaceABNSync:
+            it.set_active_group(nn.Sequential(m), group)
+            xs, dzs = x[sl], dz[sl]
+        else:
+            xs, dzs = x, dz  # the inactive ranks' slices are empty: x is the members' batch
+        leaf = xs.clone().requires_grad_()
+        out = m(leaf.clone())
+        out.backward(dzs)
+        outs.append((out.detach(), leaf.grad, m.weight.grad, m.bias.grad, m.running_mean))
+    full, mine = outs
+    _check("active out", mine[0], full[0][sl])
+    _check("active dx", mine[1], full[1][sl])
+    for i, name in ((2, "dweight"), (3, "dbias")):
+        total = mine[i].clone()
+        dist.all_reduce(total, group=group)
+        _check(f"active {name} summed over the group", total, full[i])
+    _check("active running_mean", mine[4], full[4])
+    return {"members": members}
+
+
+SCENARIOS = {"match": scenario_match, "ddp": scenario_ddp, "errors": scenario_errors,
+             "active_group": scenario_active_group}
 
 
 def worker(rank, world, init_file, out_dir, plan, backend="gloo"):

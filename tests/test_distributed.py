@@ -91,7 +91,7 @@ def gloo2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gloo3(tmp_path_factory):
-    plan = [("match", [4, 0, 1]), ("errors", None)]
+    plan = [("match", [4, 0, 1]), ("errors", None), ("active_group", [3, 0, 2])]
     return _run_group_once_more_on_crash(tmp_path_factory, "gloo3", 3, plan)
 
 
@@ -114,6 +114,11 @@ def test_gloo_errors_on_every_rank(world, request):
         assert "Expected more than 1 value per channel" in v["global_count"]
     assert "rejected" in values[0]["peer_invalid"]
     assert "weight" in values[-1]["peer_invalid"]
+
+
+def test_active_group_with_gloo(gloo3):
+    """Ranks 0 and 2 active, rank 1 not: see dist_workers.scenario_active_group."""
+    assert _scenario(gloo3, "active_group") == [{"members": [0, 2]}] * 3
 
 
 # ------------------------------------------------------------------------------------------
