@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import pickle
 import sys
 import warnings
 from functools import partial
@@ -88,6 +89,8 @@ def test_register_serves_every_official_public_name(clean_modules):
     exec("from inplace_abn.functions import *", ns)
     assert ns["inplace_abn"] is it.inplace_abn and ns["inplace_abn_sync"] is it.inplace_abn_sync
     assert importlib.util.find_spec("inplace_abn.functions") is not None
+    # whole-model pickles made with the official package name their classes this way
+    assert pickle.loads(b"cinplace_abn.abn\nInPlaceABNSync\n.") is it.InPlaceABNSync
     with pytest.raises(ModuleNotFoundError):  # the compiled backend has no iabn equivalent
         importlib.import_module("inplace_abn._backend")
 
@@ -141,6 +144,8 @@ def test_sync_class_hierarchy_matches_official():
     with torch.no_grad():
         m.weight.copy_(torch.tensor([-2.0, 0.0, 3.0]))
     torch.testing.assert_close(m.effective_weight(), m.weight.abs() + m.eps)
+    group = object()  # convert_model(sync=True) still hands existing sync layers the group
+    assert it.convert_model(nn.Sequential(m), sync=True, group=group)[0].group is group
 
 
 @pytest.mark.parametrize("training", [True, False])
