@@ -266,8 +266,12 @@ class _InPlaceABN(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------
 # Functional API
 # ------------------------------------------------------------------------------------------
-def _check_tensors(x, weight, bias, running_mean, running_var):
-    """Torch-level checks the core cannot make (it sees only arrays); all before any write."""
+def _check_tensors(x, weight, bias, running_mean, running_var, training=True):
+    """Torch-level checks the core cannot make (it sees only arrays); all before any write.
+    Besides types and devices, it refuses what PyTorch itself would refuse only after the
+    kernels had written: in-place updates of inference tensors outside inference mode, and,
+    when autograd records the call, in-place updates of views it cannot rebase and inference
+    tensors saved for backward."""
     named = dict(x=x, weight=weight, bias=bias, running_mean=running_mean,
                  running_var=running_var)
     for name, t in named.items():
@@ -281,10 +285,35 @@ def _check_tensors(x, weight, bias, running_mean, running_var):
         if t.device != x.device:
             raise IABNError(f"{name} is on {t.device} but x is on {x.device}; all tensors "
                             "must be on the same device")
+        if t.layout != torch.strided:
+            raise IABNError(f"{name} has layout {t.layout}; iabn needs dense (strided) tensors")
+        if t.is_neg() or t.is_conj():  # lazy negation/conjugation: the memory holds other values
+            raise IABNError(f"{name} has its negative or conjugate bit set; pass "
+                            f"{name}.resolve_neg().resolve_conj()")
     for name in ("running_mean", "running_var"):
         if named[name] is not None and named[name].requires_grad:
             raise IABNError(f"{name} must not require grad (it is a buffer updated in place)")
-    if x.requires_grad and torch.is_grad_enabled():
+    if torch.compiler.is_compiling():
+        return  # FakeTensors: functionalization handles views; nothing is written while tracing
+    written = ("x", "running_mean", "running_var") if training is True else ("x",)
+    if not torch.is_inference_mode_enabled():
+        for name in written:
+            t = named[name]
+            if t is not None and t.is_inference():
+                raise IABNError(
+                    f"{name} is an inference tensor (created under torch.inference_mode) and "
+                    f"inplace_abn would update it in place outside inference mode, which PyTorch "
+                    f"forbids; pass {name}.clone(), or call inside torch.inference_mode()")
+    records = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias))
+    if not records:
+        return
+    for name in ("weight", "bias"):
+        t = named[name]
+        if t is not None and t.is_inference():
+            raise IABNError(f"{name} is an inference tensor, and autograd would have to save it "
+                            f"for backward, which PyTorch forbids; pass {name}.clone()")
+    if x.requires_grad:
         base = x if x._base is None else x._base
         if base.is_leaf:
             what = "x is a leaf tensor" if base is x else "x is a view of a leaf tensor"
@@ -292,6 +321,31 @@ def _check_tensors(x, weight, bias, running_mean, running_var):
                 f"{what} that requires grad, and inplace_abn overwrites x with its output. "
                 "Pass a non-leaf tensor instead, e.g. inplace_abn(x.clone(), ...), or use "
                 "iabn.torch.ABN, which does not work in place.")
+    why = _unrebasable_view(x)
+    if why:
+        raise IABNError(f"x is a view {why}, and autograd cannot record an in-place update of "
+                        "it; pass x.clone(), or make the view differently")
+
+
+def _unrebasable_view(x) -> str:
+    """Why autograd would refuse an in-place update of view x ('' if it would not): views from
+    functions returning several views (split, chunk, unbind), or made under no_grad or
+    inference mode. PyTorch keeps this in the view's creation meta (a private accessor, so a
+    missing one just skips the check)."""
+    if not x._is_view():
+        return ""
+    try:
+        from torch._C._autograd import CreationMeta, _get_creation_meta
+
+        meta = _get_creation_meta(x)
+    except (ImportError, AttributeError, RuntimeError):
+        return ""
+    return {CreationMeta.MULTI_OUTPUT_NODE: "returned by a function that returns several views "
+                                            "(e.g. split, chunk, unbind)",
+            CreationMeta.NO_GRAD_MODE: "created under torch.no_grad",
+            CreationMeta.INFERENCE_MODE: "created under torch.inference_mode",
+            CreationMeta.IN_CUSTOM_FUNCTION: "created inside a custom autograd Function",
+            }.get(meta, "")
 
 
 def inplace_abn(x, weight, bias, running_mean, running_var, training=True, momentum=0.1,
@@ -312,8 +366,9 @@ def inplace_abn(x, weight, bias, running_mean, running_var, training=True, momen
 
 def _apply(x, weight, bias, running_mean, running_var, training, momentum, eps, activation,
            activation_param, group_name):
-    _check_tensors(x, weight, bias, running_mean, running_var)
-    _validate.check_scalars(training, momentum, eps, activation, activation_param)
+    _check_tensors(x, weight, bias, running_mean, running_var, training)
+    _validate.check_scalars(training, momentum, eps, activation, activation_param,
+                            acc_dtype="float64" if x.dtype == torch.float64 else "float32")
     return _InPlaceABN.apply(x, weight, bias, running_mean, running_var, training,
                              float(momentum), float(eps), activation, float(activation_param),
                              group_name)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import arrays
-from . import backends as _backends
 from . import comm as _comm
 from . import validate
 from .backends.base import Problem
@@ -79,8 +78,8 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
             x, weight, bias, running_mean, running_var, training=training, momentum=momentum,
             eps=eps, activation=activation, activation_param=activation_param,
             min_count=0 if comm is not None else 2)
-        be = _backends.select(x, backend)
-    except ValueError:  # IABNError, or a bad backend request
+        be = validate.backend(x, backend)
+    except ValueError:  # IABNError
         if synced:  # still join the header exchange, so the peers raise instead of waiting
             _comm.agree(comm, None, None, x, failed=True)
         raise

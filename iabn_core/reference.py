@@ -27,6 +27,24 @@ LAYOUTS = ("ncs", "nsc")
 ELU_INVERSE_FLOOR = -1.0 + 2.0**-24
 
 
+def positive_side(v) -> np.ndarray:
+    """The branch every activation takes: v >= 0 with the sign bit clear. -0 is negative (forward
+    makes it from y < 0 when slope*y or alpha*expm1(y) underflows, so backward must invert it on
+    that side), and a NaN is negative whatever its sign bit (which IEEE leaves unspecified)."""
+    v = np.asarray(v)
+    return (v >= 0) & ~np.signbit(v)
+
+
+def nan_if_non_finite(mean, var):
+    """The non-finite rule of batch statistics: a channel whose mean or variance is not finite
+    (a NaN or Inf in its batch, or a value past the range of the dtype they are kept in) gets
+    NaN for both. (mean, var) are modified in place and returned."""
+    bad = ~(np.isfinite(mean) & np.isfinite(var))
+    mean[bad] = np.nan
+    var[bad] = np.nan
+    return mean, var
+
+
 # ----------------------------------------------------------------------------------- layouts
 def to_ncs(x3, layout: str = "ncs") -> np.ndarray:
     """float64 (N, C, S) copy of a 3-D array given in ``layout``."""
@@ -61,9 +79,10 @@ def batch_stats(x, layout: str = "ncs"):
     c = x.shape[1]
     if count == 0:  # no 0/0: an empty piece must drop out of merges, not poison them
         return 0, np.zeros(c), np.zeros(c)
-    mean = x.sum(axis=(0, 2)) / count
-    var = ((x - _chan(mean)) ** 2).sum(axis=(0, 2)) / count
-    return count, mean, var
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean = x.sum(axis=(0, 2)) / count
+        var = ((x - _chan(mean)) ** 2).sum(axis=(0, 2)) / count
+    return (count,) + nan_if_non_finite(mean, var)
 
 
 def stats_of_pieces(pieces) -> np.ndarray:
@@ -121,40 +140,45 @@ def _check_act(name: str, param: float) -> None:
 
 
 def act_forward(name: str, y, param: float) -> np.ndarray:
-    """identity: y; leaky_relu: y if y >= 0 else p*y; elu: y if y >= 0 else p*(exp(y) - 1)."""
+    """identity: y; leaky_relu: y if y >= 0 else p*y; elu: y if y >= 0 else p*(exp(y) - 1),
+    branching on ``positive_side`` (so z keeps y's sign bit)."""
     _check_act(name, param)
     y = np.asarray(y, dtype=np.float64)
     if name == "identity":
         return y.copy()
+    pos = positive_side(y)
     if name == "leaky_relu":
-        return np.where(y >= 0, y, param * y)
-    return np.where(y >= 0, y, param * np.expm1(np.minimum(y, 0.0)))
+        return np.where(pos, y, param * y)
+    return np.where(pos, y, param * np.expm1(np.where(pos, 0.0, y)))
 
 
 def act_inverse(name: str, z, param: float) -> np.ndarray:
     """y from z. leaky_relu: z if z >= 0 else z/p; elu: z if z >= 0 else log1p(z/p) with
-    z/p clamped to ELU_INVERSE_FLOOR (> -1) so every finite z maps to a finite y."""
+    z/p clamped to ELU_INVERSE_FLOOR (> -1) so every finite z maps to a finite y. The branch
+    is ``positive_side(z)``: -0 is inverted as a negative output; NaN stays NaN."""
     _check_act(name, param)
     z = np.asarray(z, dtype=np.float64)
     if name == "identity":
         return z.copy()
+    pos = positive_side(z)
     if name == "leaky_relu":
-        return np.where(z >= 0, z, z / param)
-    t = np.maximum(np.minimum(z, 0.0) / param, ELU_INVERSE_FLOOR)
-    return np.where(z >= 0, z, np.log1p(t))
+        return np.where(pos, z, z / param)
+    t = np.maximum(np.where(pos, 0.0, z) / param, ELU_INVERSE_FLOOR)  # maximum keeps NaN
+    return np.where(pos, z, np.log1p(t))
 
 
 def act_derivative(name: str, z, param: float) -> np.ndarray:
     """dz/dy written in terms of z: identity 1; leaky_relu 1 if z >= 0 else p;
     elu 1 if z >= 0 else max(z + p, 0) (= p*exp(y); a stored z rounded below the asymptote -p
-    gives 0, not a slope of the wrong sign)."""
+    gives 0, not a slope of the wrong sign). Branch: ``positive_side(z)``."""
     _check_act(name, param)
     z = np.asarray(z, dtype=np.float64)
     if name == "identity":
         return np.ones_like(z)
+    pos = positive_side(z)
     if name == "leaky_relu":
-        return np.where(z >= 0, 1.0, param)
-    return np.where(z >= 0, 1.0, np.maximum(z + param, 0.0))
+        return np.where(pos, 1.0, param)
+    return np.where(pos, 1.0, np.maximum(z + param, 0.0))
 
 
 # --------------------------------------------------------------------------------- forward

@@ -1,32 +1,43 @@
 """Argument checks. Every check runs before any kernel writes a byte, and every error names the
-argument, so a rejected call leaves the caller's buffers exactly as they were."""
+argument, so a rejected call leaves the caller's buffers exactly as they were.
+
+Two kinds of checks, kept apart so that a caller may cache the first kind:
+  * signature checks (`signature`, `check_scalars`, `check_input`, `check_params`,
+    `backward_signature`): they depend only on the arguments' types, devices, shapes, strides,
+    dtypes and scalar values, so every call with the same signature gets the same answer;
+  * buffer checks (`check_buffers`, `backward_buffers`' second half): they depend on this call's
+    memory (pointer alignment, overlap between buffers, writability) and run on every call.
+`problem` runs both for forward; `backward_buffers` both for backward.
+"""
 from __future__ import annotations
 
 import math
-import numbers
+
+import numpy as np
 
 from . import arrays
-from .activations import check_activation
+from . import backends as _backends
+from .activations import check_activation, check_real
 from .backends.base import Problem
 from .dtypes import ACC, INPUT_DTYPES, allowed_params, default_param, dtype_name, find_pair
 from .layout import detect
 
 PARAM_NAMES = ("weight", "bias", "running_mean", "running_var")
 MAX_CHANNELS = 2**31 - 1  # gridDim.x limit: the contiguous layout runs a block column per channel
+# What a backend object must provide to be passed as `backend=` (iabn_core.backends.base).
+BACKEND_METHODS = ("prepare", "batch_stats", "merge_stats", "finalize", "forward",
+                   "backward_reduce", "backward_finalize", "backward_elementwise")
 
 
 class IABNError(ValueError):
     """Bad input to an iabn operation (raised before anything is written)."""
 
 
-def _real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _fail(msg: str):
     raise IABNError(msg)
 
 
+# ------------------------------------------------------------------------ signature checks
 def check_array(name: str, a, like=None):
     k = arrays.kind(a)
     if k is None:
@@ -39,15 +50,24 @@ def check_array(name: str, a, like=None):
             _fail(f"{name} is on {arrays.device(a)} but x is on {arrays.device(like)}")
 
 
+def array_dtype(name: str, a) -> str:
+    """Canonical dtype name of an array, which must be in native byte order (the kernels and
+    the emulator read raw memory; a byte-swapped float is a different number)."""
+    if not a.dtype.isnative:
+        _fail(f"{name} has non-native byte order (dtype {a.dtype.str!r}); convert it with "
+              f"{name}.astype({name}.dtype.newbyteorder('='))")
+    try:
+        return dtype_name(a.dtype)
+    except TypeError:
+        return str(a.dtype)
+
+
 def check_input(x, name: str = "x") -> tuple[str, str]:
     """(dtype name, layout) of an activation tensor, or an error naming `name`."""
     check_array(name, x)
     if x.ndim < 2:
         _fail(f"{name} must have shape (N, C, *) with at least 2 dims, got shape {tuple(x.shape)}")
-    try:
-        dt = dtype_name(x.dtype)
-    except TypeError:
-        dt = str(x.dtype)
+    dt = array_dtype(name, x)
     if dt not in INPUT_DTYPES:
         _fail(f"{name} has unsupported dtype {dt}; supported: {', '.join(INPUT_DTYPES)}")
     if x.shape[1] < 1:
@@ -57,26 +77,33 @@ def check_input(x, name: str = "x") -> tuple[str, str]:
         _fail(f"{name} has unsupported strides {tuple(x.strides)} for shape {tuple(x.shape)}: "
               "iabn works in place on contiguous (N, C, *) or channels-last memory and never "
               "copies silently; pass a contiguous or channels-last array")
-    if not arrays.writeable(x):
-        _fail(f"{name} is read-only; the operation writes its result into {name}")
     return dt, layout
 
 
-def check_scalars(training, momentum, eps, activation, activation_param):
+def check_scalars(training, momentum, eps, activation, activation_param, *, acc_dtype: str):
+    """Type and range of every scalar, judged in the accumulator dtype the kernels use
+    (a value that is finite in Python can be Inf, or a flushed subnormal, there)."""
     if not isinstance(training, bool):
         _fail(f"training must be a bool, got {training!r}")
-    if not (_real(eps) and eps > 0):
-        _fail(f"eps must be a finite number > 0, got {eps!r}")
-    if not (_real(momentum) and 0.0 <= momentum <= 1.0):
+    fi = np.finfo(acc_dtype)
+    tiny, big = float(fi.tiny), float(fi.max)
+    e = check_real("eps", eps, acc_dtype, _fail)
+    if not tiny <= e <= big:
+        _fail(f"eps must be a finite number > 0 that is a normal {acc_dtype} (the accumulator "
+              f"dtype; the GPU flushes subnormals to 0): in [{tiny:.4g}, {big:.4g}], got {eps!r}")
+    m = check_real("momentum", momentum, acc_dtype, _fail)
+    if not 0.0 <= m <= 1.0:
         _fail(f"momentum must be in [0, 1], got {momentum!r}")
-    check_activation(activation, activation_param, _fail)
+    check_activation(activation, activation_param, _fail, acc_dtype=acc_dtype)
 
 
-def check_params(x, c: int, x_dtype: str, params: dict, training: bool) -> str:
+def check_params(x, c: int, x_dtype: str, params: dict) -> str:
     """Checks weight/bias/running stats; returns the parameter dtype name."""
     present = {k: v for k, v in params.items() if v is not None}
+    names = {}
     for name, a in present.items():
         check_array(name, a, like=x)
+        names[name] = array_dtype(name, a)
         if tuple(a.shape) != (c,):
             _fail(f"{name} must have shape ({c},) to match x's {c} channels, got {tuple(a.shape)}")
         if a.strides[0] != a.itemsize and c > 1:
@@ -84,13 +111,6 @@ def check_params(x, c: int, x_dtype: str, params: dict, training: bool) -> str:
     if (params["running_mean"] is None) != (params["running_var"] is None):
         missing = "running_var" if params["running_var"] is None else "running_mean"
         _fail(f"{missing} is None but its partner is given; pass both running stats or neither")
-    if not training and params["running_mean"] is None:
-        _fail("running_mean and running_var are required when training=False")
-    if training:
-        for name in ("running_mean", "running_var"):
-            if params[name] is not None and not arrays.writeable(params[name]):
-                _fail(f"{name} is read-only but is updated when training=True")
-    names = {n: dtype_name(a.dtype) for n, a in present.items()}
     param_dt = next(iter(names.values()), default_param(x_dtype))
     for name, dt in names.items():
         if dt != param_dt:
@@ -104,31 +124,25 @@ def check_params(x, c: int, x_dtype: str, params: dict, training: bool) -> str:
     return param_dt
 
 
-def problem(x, weight, bias, running_mean, running_var, *, training, momentum, eps, activation,
-            activation_param, min_count: int = 2) -> tuple[Problem, str]:
-    """Validate everything for forward; returns (Problem, layout) or raises IABNError.
-    Called before any write (and before any kernel is compiled or launched)."""
+def signature(x, weight, bias, running_mean, running_var, *, training, momentum, eps,
+              activation, activation_param, min_count: int = 2) -> tuple[Problem, str]:
+    """The signature checks of forward; returns (Problem, layout)."""
     x_dtype, layout = check_input(x)
-    check_scalars(training, momentum, eps, activation, activation_param)
+    check_scalars(training, momentum, eps, activation, activation_param, acc_dtype=ACC[x_dtype])
     n, c = int(x.shape[0]), int(x.shape[1])
     s = math.prod(int(d) for d in x.shape[2:])
     if c > MAX_CHANNELS:
         _fail(f"x has {c} channels; at most {MAX_CHANNELS} are supported (one CUDA grid row "
               "of blocks per channel)")
     params = dict(weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    param_dt = check_params(x, c, x_dtype, params, training)
+    param_dt = check_params(x, c, x_dtype, params)
+    if not training and running_mean is None:
+        _fail("running_mean and running_var are required when training=False")
     if n * s == 0 and min_count > 0:
         _fail(f"x has no values per channel (shape {tuple(x.shape)})")
     if training and n * s < min_count:
         _fail(f"Expected more than 1 value per channel when training, got x of shape "
               f"{tuple(x.shape)}")
-    # The op writes x (and the running stats) while reading the parameters: any two of these
-    # buffers sharing memory would make the result depend on the order of writes.
-    named = [("x", x)] + [(k, v) for k, v in params.items() if v is not None]
-    for i, (name_a, a) in enumerate(named):
-        for name_b, b in named[i + 1:]:
-            if arrays.overlaps(a, b):
-                _fail(f"{name_b} shares memory with {name_a}; pass separate buffers")
     prob = Problem(n=n, c=c, s=s, layout=layout, x_dtype=x_dtype, param_dtype=param_dt,
                    acc_dtype=ACC[x_dtype], activation=activation,
                    activation_param=float(activation_param), eps=float(eps),
@@ -136,19 +150,82 @@ def problem(x, weight, bias, running_mean, running_var, *, training, momentum, e
     return prob, layout
 
 
+def backend(x, requested):
+    """The backend object for x: `requested` is None, a backend name, or a backend object."""
+    if requested is not None and not isinstance(requested, str):
+        if not all(callable(getattr(requested, m, None)) for m in BACKEND_METHODS):
+            _fail(f"backend must be None, 'numpy', 'emulator', 'cuda' or a backend object "
+                  f"(with {', '.join(BACKEND_METHODS)}), got {requested!r}")
+        return requested
+    try:
+        return _backends.select(x, requested)
+    except ValueError as e:  # an unknown name, or one that cannot run x's kind of array
+        raise IABNError(str(e)) from None
+
+
+# --------------------------------------------------------------------------- buffer checks
+def _aligned(name: str, a) -> None:
+    # Kernels load and store whole elements: a misaligned one faults on a GPU (and is trapped
+    # by the emulator), so it is refused here on every backend alike.
+    if a.size and arrays.data_ptr(a) % a.itemsize:
+        _fail(f"{name} is not aligned to its {a.itemsize}-byte elements (address "
+              f"{arrays.data_ptr(a):#x}); pass an aligned array, e.g. a copy")
+
+
+def _disjoint(named) -> None:
+    for i, (name_a, a) in enumerate(named):
+        for name_b, b in named[i + 1:]:
+            if arrays.overlaps(a, b):
+                _fail(f"{name_b} shares memory with {name_a}; pass separate buffers")
+
+
+def check_buffers(x, params: dict, training: bool) -> None:
+    """Alignment, writability and overlap of forward's buffers. Writable must be what the call
+    writes: x always, the running stats only when training (eval only reads them)."""
+    named = [("x", x)] + [(k, v) for k, v in params.items() if v is not None]
+    for name, a in named:
+        _aligned(name, a)
+    written = ["x"] + (["running_mean", "running_var"] if training else [])
+    for name, a in named:
+        if name in written and not arrays.writeable(a):
+            what = ("the operation writes its result into x" if name == "x"
+                    else "it is updated when training=True")
+            _fail(f"{name} is read-only; {what}")
+    # The op writes x (and the running stats) while reading the parameters: any two of these
+    # buffers sharing memory would make the result depend on the order of writes.
+    _disjoint(named)
+
+
+def problem(x, weight, bias, running_mean, running_var, *, training, momentum, eps, activation,
+            activation_param, min_count: int = 2) -> tuple[Problem, str]:
+    """Validate everything for forward; returns (Problem, layout) or raises IABNError.
+    Called before any write (and before any kernel is compiled or launched)."""
+    prob, layout = signature(x, weight, bias, running_mean, running_var, training=training,
+                             momentum=momentum, eps=eps, activation=activation,
+                             activation_param=activation_param, min_count=min_count)
+    check_buffers(x, dict(weight=weight, bias=bias, running_mean=running_mean,
+                          running_var=running_var), training)
+    return prob, layout
+
+
 def backward_buffers(ctx, z, dz, out=None):
-    """z, dz (and out) must match ctx's forward: same kind, device, shape, dtype, layout."""
+    """z, dz (and out) must match ctx's forward: same kind, device, shape, dtype, layout
+    (signature checks); then aligned, writable where written, and not sharing memory with each
+    other or with what forward kept (weight, bias, stats), which backward reads (buffer checks)."""
     named = (("z", z), ("dz", dz)) + ((("out", out),) if out is not None else ())
     for name, a in named:
         check_array(name, a, like=ctx.like)
         if tuple(a.shape) != ctx.shape:
             _fail(f"{name} has shape {tuple(a.shape)} but the forward saw {ctx.shape}")
-        if dtype_name(a.dtype) != ctx.prob.x_dtype:
+        if array_dtype(name, a) != ctx.prob.x_dtype:
             _fail(f"{name} has dtype {dtype_name(a.dtype)} but the forward saw {ctx.prob.x_dtype}")
         layout = detect(a.shape, a.strides, a.itemsize)
         if layout != ctx.layout:
             _fail(f"{name} must have the same memory layout as the forward's x ({ctx.layout}), "
                   f"got strides {tuple(a.strides)}; iabn does not copy silently")
+    # ---- buffer checks (per call)
+    for name, a in named:
+        _aligned(name, a)
     if not arrays.writeable(dz):
         _fail("dz is read-only; backward writes dx into dz's buffer")
     if out is None and arrays.overlaps(z, dz):
@@ -159,3 +236,9 @@ def backward_buffers(ctx, z, dz, out=None):
             _fail("out is read-only; backward writes dx into it")
         if arrays.overlaps(out, z) or arrays.overlaps(out, dz):
             _fail("out shares memory with z or dz; pass out=None to write dx over dz")
+    kept = [("weight", ctx.weight), ("bias", ctx.bias), ("the forward's statistics", ctx.stats)]
+    for name, a in named[1:]:
+        for kept_name, k in kept:
+            if k is not None and arrays.kind(k) == arrays.kind(a) and arrays.overlaps(a, k):
+                _fail(f"{name} shares memory with {kept_name}, which backward reads while "
+                      f"writing dx; pass a separate {name}")

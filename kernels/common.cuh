@@ -66,8 +66,9 @@ __device__ __forceinline__ float acc_expm1(float v) { return expm1f(v); }
 __device__ __forceinline__ double acc_expm1(double v) { return expm1(v); }
 __device__ __forceinline__ float acc_log1p(float v) { return log1pf(v); }
 __device__ __forceinline__ double acc_log1p(double v) { return log1p(v); }
-__device__ __forceinline__ float acc_max(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double acc_max(double a, double b) { return fmax(a, b); }
+// A quiet NaN with the sign bit clear (the one NumPy's np.nan is), of the argument's type.
+__device__ __forceinline__ float acc_nan(float) { return __int_as_float(0x7fc00000); }
+__device__ __forceinline__ double acc_nan(double) { return __longlong_as_double(0x7ff8000000000000LL); }
 
 // d|w|/dw as the official package takes it: -1 where w < 0, else +1 (w = 0 and -0 included).
 // Not sign(w): with sign(0) = 0 a weight at exactly 0 would get no gradient and never train,

@@ -51,9 +51,12 @@ iabn_batch_stats(const T* __restrict__ x, iabn::acc_t<T>* __restrict__ partials,
 
 // One thread per channel. R is small (blocks per channel, or replicas), so a serial merge in
 // index order costs little and makes the result independent of how the rows were produced.
+// Eval mode reads the running statistics through eval_mean/eval_var (const: they may be
+// read-only memory) and training updates running_mean/running_var; the other pair is null.
 template <class Acc, class P>
 __global__ void __launch_bounds__(iabn::kBlockThreads)
 iabn_stats_finalize(const Acc* __restrict__ partials, long long R, long long C, Acc* __restrict__ out,
+                    const P* __restrict__ eval_mean, const P* __restrict__ eval_var,
                     P* __restrict__ running_mean, P* __restrict__ running_var, Acc momentum, Acc eps,
                     Acc eval_count, int mode) {
   using namespace iabn;
@@ -64,8 +67,8 @@ iabn_stats_finalize(const Acc* __restrict__ partials, long long R, long long C, 
   Acc var;
   if (mode == kEval) {
     w.n = eval_count;
-    w.mean = to_acc<Acc>(load(running_mean + c));
-    var = to_acc<Acc>(load(running_var + c));
+    w.mean = to_acc<Acc>(load(eval_mean + c));
+    var = to_acc<Acc>(load(eval_var + c));
   } else {
     for (long long r = 0; r < R; ++r) {
       const Acc* row = partials + r * 3 * C;
@@ -73,6 +76,10 @@ iabn_stats_finalize(const Acc* __restrict__ partials, long long R, long long C, 
       w = Welford<Acc>::combine(w, Welford<Acc>{n, load(row + C + c), load(row + 2 * C + c) * n});
     }
     var = w.n > Acc(0) ? w.m2 / w.n : Acc(0);
+    // One rule for non-finite batches: a NaN or Inf anywhere in a channel (or statistics past the
+    // accumulator's range) makes its mean and variance NaN. Welford alone gives Inf or NaN
+    // depending on where the value sat and how the batch was split over blocks.
+    if (!(isfinite(w.mean) && isfinite(var))) w.mean = var = acc_nan(var);
   }
 
   store(out + c, w.n);

@@ -64,8 +64,12 @@ class KernelBackend:
         out = self.rt.empty((rows, prob.c), prob.acc_dtype)
         grid, block = planning.per_channel(prob.c)
         r = 0 if partials is None else partials.shape[0]
+        # Eval only reads the running stats, through the kernel's const pointers, so read-only
+        # running stats are fine there (the same rule validate applies for every backend).
+        read = (running_mean, running_var) if mode == MODE_EVAL else (None, None)
+        update = (None, None) if mode == MODE_EVAL else (running_mean, running_var)
         self._launch(prob, "stats.cu", inst.stats_finalize(self._pair(prob)), grid, block,
-                     (partials, np.int64(r), np.int64(prob.c), out, running_mean, running_var,
+                     (partials, np.int64(r), np.int64(prob.c), out) + read + update + (
                       self._acc(prob, momentum), self._acc(prob, prob.eps), self._acc(prob, count),
                       np.int32(mode)))
         return out

@@ -4,9 +4,13 @@ Inputs of every dtype are widened to float64 chunk by chunk (over N) so that low
 inputs lose nothing beyond their own storage rounding; results are written back through
 ``x3[...] = ...`` so the caller's buffer is what changes (the in-place contract).
 Both layouts are handled by reducing over the right axes of the given view, never by copying
-the input into the other layout.
+the input into the other layout. Non-finite values follow IEEE arithmetic without warnings, plus
+the one rule the kernels apply too (reference.nan_if_non_finite): NaN statistics for a channel
+with a NaN or Inf in its batch.
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -38,6 +42,17 @@ def _chunks(prob):
         yield slice(n0, min(prob.n, n0 + step))
 
 
+def _quiet(stage):
+    """Run a stage without NumPy's warnings about NaN/Inf: non-finite data is a supported input
+    with documented results, not an error (and tests turn warnings into errors)."""
+    @functools.wraps(stage)
+    def run(*args, **kwargs):
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            return stage(*args, **kwargs)
+
+    return run
+
+
 def _f64(a):
     return np.asarray(a, dtype=np.float64)
 
@@ -55,7 +70,7 @@ def _act_forward(prob, y):
     p = prob.activation_param
     if prob.activation == "identity":
         return y
-    neg = y < 0
+    neg = ~ref.positive_side(y)  # -0 and NaN included, as in the kernels
     if prob.activation == "leaky_relu":
         y[neg] *= p
     elif prob.activation == "elu":
@@ -70,7 +85,7 @@ def _act_inverse_and_slope(prob, z):
     p = prob.activation_param
     if prob.activation == "identity":
         return z.copy(), None
-    neg = z < 0
+    neg = ~ref.positive_side(z)  # -0 is a negative output (an underflowed slope * y)
     y = z.copy()
     slope = np.ones_like(z)
     if prob.activation == "leaky_relu":
@@ -94,6 +109,7 @@ class NumpyBackend:
         """Nothing to compile."""
 
     # ------------------------------------------------------------------- statistics
+    @_quiet
     def batch_stats(self, prob, x3):
         """(1, 3, C) partials: exact two-pass mean and biased variance in float64."""
         axes, shape = _axes(prob)
@@ -116,14 +132,20 @@ class NumpyBackend:
         out[0, 2] = sq / m
         return out
 
+    @_quiet
     def merge_stats(self, prob, partials):
         merged = merge_partials(_f64(partials), xp=np)
         return merged.astype(numpy_dtype(prob.acc_dtype))
 
+    @_quiet
     def finalize(self, prob, partials, running_mean, running_var, momentum, training):
         acc = numpy_dtype(prob.acc_dtype)
         if training:
             count, mean, var = merge_partials(_f64(partials), xp=np)
+            # reference.nan_if_non_finite, judged in the accumulator dtype the stats are kept
+            # in, as in the kernels: a float32 variance past 3.4e38 is Inf there, so NaN.
+            bad = ~(np.isfinite(mean.astype(acc)) & np.isfinite(var.astype(acc)))
+            mean, var = np.where(bad, np.nan, mean), np.where(bad, np.nan, var)
             if running_mean is not None:
                 # Written through [...] so the caller's arrays (own dtype) are updated.
                 running_mean[...] = (1.0 - momentum) * _f64(running_mean) + momentum * mean
@@ -144,6 +166,7 @@ class NumpyBackend:
         return stats
 
     # ---------------------------------------------------------------------- forward
+    @_quiet
     def forward(self, prob, x3, stats, weight, bias):
         _, shape = _axes(prob)
         st = _f64(stats)
@@ -167,6 +190,7 @@ class NumpyBackend:
         y /= _gamma(prob, weight).reshape(shape)
         return dy, y
 
+    @_quiet
     def backward_reduce(self, prob, z3, dz3, stats, weight, bias):
         """(1, 2, C) partial sums of dy and dy * xhat (stats are not needed: xhat comes
         from y, b and gamma~ alone)."""
@@ -179,6 +203,7 @@ class NumpyBackend:
             sums[1] += xhat.sum(axis=axes)
         return sums[None].astype(numpy_dtype(prob.acc_dtype))
 
+    @_quiet
     def backward_finalize(self, prob, partial_sums, weight, bias):
         ps = _f64(partial_sums)
         total = np.zeros((2, prob.c))
@@ -192,6 +217,7 @@ class NumpyBackend:
             dbias = total[0].astype(pdt)
         return total.astype(numpy_dtype(prob.acc_dtype)), dweight, dbias
 
+    @_quiet
     def backward_elementwise(self, prob, z3, dz3, stats, sums, weight, bias, training,
                              dx3=None):
         dx3 = dz3 if dx3 is None else dx3
