@@ -40,8 +40,9 @@ def environment(backend: str) -> dict:
     if backend != "cuda":
         info["device"] = f"CPU ({backend})"
     if backend == "emulator":
-        info["emulator_cache"] = os.path.join(
-            os.environ.get("IABN_CACHE_DIR", os.path.expanduser("~/.cache/iabn")), "emulator")
+        from iabn_core.emulator.build import cache_dir
+
+        info["emulator_cache"] = str(cache_dir())
     from iabn_core.source import kernel_dir
 
     info["kernels"] = str(kernel_dir())

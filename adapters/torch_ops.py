@@ -285,16 +285,19 @@ def _check_tensors(x, weight, bias, running_mean, running_var, training=True):
         if t.device != x.device:
             raise IABNError(f"{name} is on {t.device} but x is on {x.device}; all tensors "
                             "must be on the same device")
-        if t.layout != torch.strided:
-            raise IABNError(f"{name} has layout {t.layout}; iabn needs dense (strided) tensors")
-        if t.is_neg() or t.is_conj():  # lazy negation/conjugation: the memory holds other values
-            raise IABNError(f"{name} has its negative or conjugate bit set; pass "
-                            f"{name}.resolve_neg().resolve_conj()")
     for name in ("running_mean", "running_var"):
         if named[name] is not None and named[name].requires_grad:
             raise IABNError(f"{name} must not require grad (it is a buffer updated in place)")
     if torch.compiler.is_compiling():
         return  # FakeTensors: functionalization handles views; nothing is written while tracing
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.layout != torch.strided:
+            raise IABNError(f"{name} has layout {t.layout}; iabn needs dense (strided) tensors")
+        if t.is_neg() or t.is_conj():  # lazy negation/conjugation: the memory holds other values
+            raise IABNError(f"{name} has its negative or conjugate bit set; pass "
+                            f"{name}.resolve_neg().resolve_conj()")
     written = ("x", "running_mean", "running_var") if training is True else ("x",)
     if not torch.is_inference_mode_enabled():
         for name in written:

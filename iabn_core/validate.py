@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from . import arrays
 from . import backends as _backends
-from .activations import check_activation, check_real
+from .activations import NORMAL_RANGE, show, check_activation, check_real
 from .backends.base import Problem
 from .dtypes import ACC, INPUT_DTYPES, allowed_params, default_param, dtype_name, find_pair
 from .layout import detect
@@ -85,15 +83,15 @@ def check_scalars(training, momentum, eps, activation, activation_param, *, acc_
     (a value that is finite in Python can be Inf, or a flushed subnormal, there)."""
     if not isinstance(training, bool):
         _fail(f"training must be a bool, got {training!r}")
-    fi = np.finfo(acc_dtype)
-    tiny, big = float(fi.tiny), float(fi.max)
-    e = check_real("eps", eps, acc_dtype, _fail)
+    tiny, big = NORMAL_RANGE[acc_dtype]
+    e = check_real("eps", eps, _fail)
     if not tiny <= e <= big:
         _fail(f"eps must be a finite number > 0 that is a normal {acc_dtype} (the accumulator "
-              f"dtype; the GPU flushes subnormals to 0): in [{tiny:.4g}, {big:.4g}], got {eps!r}")
-    m = check_real("momentum", momentum, acc_dtype, _fail)
+              f"dtype; the GPU flushes subnormals to 0): in [{tiny:.4g}, {big:.4g}], "
+              f"got {show(eps)}")
+    m = check_real("momentum", momentum, _fail)
     if not 0.0 <= m <= 1.0:
-        _fail(f"momentum must be in [0, 1], got {momentum!r}")
+        _fail(f"momentum must be in [0, 1], got {show(momentum)}")
     check_activation(activation, activation_param, _fail, acc_dtype=acc_dtype)
 
 

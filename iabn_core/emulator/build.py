@@ -1,9 +1,10 @@
 """Compile a CUDA C++ translation unit into a host shared library.
 
-The .so is cached under ``$IABN_CACHE_DIR/emulator`` (default
-``~/.cache/iabn/emulator``), keyed by everything that affects the binary, and
-published with an atomic rename so concurrent processes never see a partial
-file.
+The .so is cached under ``<root>/emulator``, root being the first of
+``$IABN_CACHE_DIR``, ``$XDG_CACHE_HOME/iabn`` and ``~/.cache/iabn``, keyed by
+everything that affects the binary. It is published with an atomic rename so
+concurrent processes never see a partial file, and built under a per-key lock
+so the threads of one process compile it once.
 """
 
 import functools
@@ -11,6 +12,7 @@ import hashlib
 import os
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 from .errors import EmulatorError
@@ -30,9 +32,20 @@ ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
 compile_count = 0
 
 
+# One lock per cache key: a second thread asking for a module being compiled waits for it
+# instead of compiling it again (processes are kept apart by the atomic publish only).
+_build_locks: dict[str, threading.Lock] = {}
+_build_locks_guard = threading.Lock()
+
+
 def cache_dir() -> Path:
     root = os.environ.get("IABN_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "iabn"
+    if root:
+        base = Path(root)
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        # XDG says a relative value is invalid and must be ignored.
+        base = (Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache") / "iabn"
     return base / "emulator"
 
 
@@ -82,7 +95,6 @@ def translation_unit(source: str, name_expressions: list[str]) -> str:
 
 def build_library(source: str, name_expressions: list[str], asan: bool) -> Path:
     """Return the path of the cached .so for this source, compiling if needed."""
-    global compile_count
     for expr in name_expressions:
         if not isinstance(expr, str) or not expr.strip() or "\n" in expr:
             raise ValueError(f"bad name expression: {expr!r}")
@@ -94,6 +106,16 @@ def build_library(source: str, name_expressions: list[str], asan: bool) -> Path:
     so_path = out_dir / f"{key[:40]}{'-asan' if asan else ''}.so"
     if so_path.exists():
         return so_path
+    with _build_locks_guard:
+        lock = _build_locks.setdefault(str(so_path), threading.Lock())
+    with lock:
+        if so_path.exists():  # built by another thread while this one waited
+            return so_path
+        return _compile(source, name_expressions, flags, out_dir, so_path)
+
+
+def _compile(source, name_expressions, flags, out_dir: Path, so_path: Path) -> Path:
+    global compile_count
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="build-", dir=out_dir) as tmp:
         cpp = Path(tmp) / "kernel.cpp"
@@ -102,7 +124,8 @@ def build_library(source: str, name_expressions: list[str], asan: bool) -> Path:
         cmd = [CXX, *flags, "-I", str(INCLUDE_DIR), "-include", "emu_cuda.h",
                str(cpp), "-o", str(tmp_so)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        compile_count += 1
+        with _build_locks_guard:
+            compile_count += 1
         if proc.returncode != 0:
             raise EmulatorError(
                 f"compilation failed ({' '.join(cmd)}):\n{proc.stdout}{proc.stderr}")
