@@ -168,6 +168,29 @@ def run_forward(call: Call, bufs, backend):
     return ctx
 
 
+def run_backward(call: Call, ctx, bufs, dz, out):
+    """ops.backward; on success, compare with the reference (from the same z and dz)."""
+    z = bufs["x"].a
+    z_before, dz64 = z.copy(), np.array(dz, np.float64)
+    w, b = args_of(bufs).get("weight"), args_of(bufs).get("bias")
+    dx, dw, db = ops.backward(ctx, z, dz, out=out)
+    with np.errstate(all="ignore"):
+        exp = ref.backward(ncs(z), ncs(dz64), ctx.invstd, ctx.count, w, b,
+                           training=call.training, eps=call.eps, activation=call.activation,
+                           param=call.param)
+        k = ref.gamma(w, call.eps, call.shape[1]) * ctx.invstd
+        terms = np.nanmax(np.abs(exp["dy"] * k.reshape(1, -1, 1)), initial=0.0)
+        sum_dy = np.nanmax(np.abs(exp["dy"]).sum(axis=(0, 2)), initial=0.0)
+        sum_dy_xhat = np.nanmax(np.abs(exp["dy"] * exp["xhat"]).sum(axis=(0, 2)), initial=0.0)
+    assert dx is (dz if out is None else out)
+    assert close(ncs(dx), exp["dx"], TOL[ctx.prob.x_dtype] * 4, terms), "dx"
+    assert np.array_equal(z, z_before, equal_nan=True), "backward changed z"
+    if call.affine:
+        ptol = max(TOL[ctx.prob.param_dtype] * 4, 1e-4)
+        assert close(db, exp["dbias"], ptol, sum_dy), "dbias"
+        assert close(dw, exp["dweight"], ptol, sum_dy_xhat), "dweight"
+
+
 def check_rejection(err: IABNError, bufs):
     assert NAMES_ARGUMENT.search(str(err)), f"error names no argument: {err}"
     for name, g in bufs.items():
@@ -190,21 +213,8 @@ def test_random_valid_calls_match_the_reference(backend, n):
         z = bufs["x"].a
         dz = Guarded(rng, call.shape, z.dtype, call.layout, values=rng.normal(size=call.shape))
         out = Guarded(rng, call.shape, z.dtype, call.layout)
-        z_before = z.copy()
-        exp = ref.backward(ncs(z), ncs(dz.a), ctx.invstd, ctx.count, args_of(bufs).get("weight"),
-                           args_of(bufs).get("bias"), training=call.training, eps=call.eps,
-                           activation=call.activation, param=call.param)
-        dx, dw, db = ops.backward(ctx, z, dz.a, out=out.a)
-        tol = TOL[ctx.prob.x_dtype] * 4
-        k = ref.gamma(args_of(bufs).get("weight"), call.eps, call.shape[1]) * ctx.invstd
-        terms = np.abs(exp["dy"] * k.reshape(1, -1, 1)).max()
-        assert dx is out.a and close(ncs(dx), exp["dx"], tol, terms)
-        assert dz.unchanged() and out.guards_intact() and np.array_equal(z, z_before)
-        if call.affine:
-            ptol = max(TOL[ctx.prob.param_dtype] * 4, 1e-4)
-            assert close(db, exp["dbias"], ptol, np.abs(exp["dy"]).sum(axis=(0, 2)).max())
-            assert close(dw, exp["dweight"], ptol,
-                         np.abs(exp["dy"] * exp["xhat"]).sum(axis=(0, 2)).max())
+        run_backward(call, ctx, bufs, dz.a, out.a)
+        assert dz.unchanged() and out.guards_intact()
 
     prop()
     assert len(ran) >= n // 2 and len({(c.pair, c.layout, c.training) for c in ran}) > 3
@@ -305,3 +315,85 @@ def test_random_hostile_calls_fail_cleanly_or_compute_correctly(backend, n):
     prop()
     # Both outcomes must be exercised, or the property says nothing.
     assert outcomes["accepted"] >= n // 50 and outcomes["rejected"] >= n // 3, outcomes
+
+
+# ------------------------------------------------------------------- hostile backward calls
+BACKWARD_FAULTS = ("byte_order", "misaligned", "dtype", "shape", "layout", "read_only",
+                   "not_array", "non_finite", "dz_is_z", "over_weight", "out_over_dz",
+                   "out_over_z")
+
+
+def shaped(flat, shape, layout):
+    """`flat`'s first prod(shape) elements as a (N, C, *) array in `layout` (a view)."""
+    n = math.prod(shape)
+    if layout == "nsc" and len(shape) > 2:
+        nd = len(shape)
+        return flat[:n].reshape((shape[0],) + shape[2:] + (shape[1],)).transpose(
+            0, nd - 1, *range(1, nd - 1))
+    return flat[:n].reshape(shape)
+
+
+@pytest.mark.parametrize("backend,n", [("numpy", 80), ("emulator", 15)])
+def test_random_hostile_backward_calls_fail_cleanly_or_compute_correctly(backend, n):
+    outcomes = {"accepted": 0, "rejected": 0}
+
+    @fuzz(n)
+    @given(call=valid_calls(), fault=st.sampled_from(BACKWARD_FAULTS), use_out=st.booleans(),
+           data=st.data())
+    def prop(call, fault, use_out, data):
+        call.affine = True
+        bufs = build(call)
+        rng = np.random.default_rng(call.seed + 3)
+        x = bufs["x"].a
+        # weight lies at the start of a buffer big enough for a dz laid over it
+        big = Guarded(rng, (x.size + call.shape[1],), bufs["weight"].a.dtype)
+        big.a[:call.shape[1]] = bufs["weight"].a
+        big.before = big.buf.copy()
+        bufs["weight"] = Plain(big.a[:call.shape[1]])
+        ctx = run_forward(call, bufs, backend)
+        bufs["x"].before = bufs["x"].buf.copy()  # z, as forward left it
+        big.before = big.buf.copy()
+        g = {"dz": Guarded(rng, call.shape, x.dtype, call.layout, values=rng.normal(size=x.shape)),
+             "out": Guarded(rng, call.shape, x.dtype, call.layout)}
+        args = {"z": x, "dz": g["dz"].a, "out": g["out"].a if use_out else None}
+        name = data.draw(st.sampled_from(["z", "dz"] + (["out"] if use_out else [])))
+        a = args[name]
+        if fault == "byte_order":
+            args[name] = Guarded(rng, a.shape, a.dtype.newbyteorder(">"), values=a).a
+        elif fault == "misaligned":
+            args[name] = Guarded(rng, a.shape, a.dtype, call.layout, shift=1, values=a).a
+        elif fault == "dtype":
+            dt = data.draw(st.sampled_from(["float16", "float32", "float64", "bfloat16"]))
+            args[name] = Guarded(rng, a.shape, numpy_dtype(dt), call.layout, values=a).a
+        elif fault == "shape":
+            args[name] = Guarded(rng, (a.shape[0] + 1,) + a.shape[1:], a.dtype).a
+        elif fault == "layout":
+            other = "nsc" if ctx.layout == "ncs" else "ncs"
+            args[name] = Guarded(rng, a.shape, a.dtype, other, values=a).a
+        elif fault == "read_only":
+            a.flags.writeable = False
+        elif fault == "not_array":
+            args[name] = a.tolist()
+        elif fault == "non_finite" and name == "dz":
+            idx = tuple(data.draw(st.integers(0, d - 1)) for d in a.shape)
+            a[idx] = data.draw(st.sampled_from([np.inf, -np.inf, np.nan]))
+            g["dz"].before = g["dz"].buf.copy()
+        elif fault == "dz_is_z":
+            args["dz"] = x
+        elif fault == "over_weight":
+            args[name if name != "z" else "dz"] = shaped(big.a, x.shape, ctx.layout)
+        elif fault == "out_over_dz" and use_out:
+            args["out"] = args["dz"]
+        elif fault == "out_over_z" and use_out:
+            args["out"] = x
+        watched = dict(bufs, weight=big, **g)
+        try:
+            run_backward(call, ctx, bufs, args["dz"], args["out"])
+            outcomes["accepted"] += 1
+        except IABNError as err:
+            check_rejection(err, watched)
+            outcomes["rejected"] += 1
+        assert big.unchanged(), "backward wrote over the weight"
+
+    prop()
+    assert outcomes["accepted"] >= n // 20 and outcomes["rejected"] >= n // 3, outcomes
