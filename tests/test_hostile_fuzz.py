@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -221,13 +222,16 @@ def test_random_valid_calls_match_the_reference(backend, n):
 
 
 # --------------------------------------------------------------------------- hostile calls
+# Hostile values, and odd but valid ones (NumPy scalars, ints, Fractions, edges of the range).
 HOSTILE_SCALARS = {
-    "eps": [0.0, -1e-5, 1e39, 1e-42, float("nan"), 10**400, "1e-5", None, True],
-    "momentum": [-0.1, 1.5, float("nan"), 10**400, "0.1", None],
-    "activation_param": [0.0, -0.1, 1e-40, 1e38, float("inf"), 10**400, [0.1], None],
-    "activation": ["relu", ["elu"], None, 3, b"elu"],
-    "training": [1, None, "yes"],
-    "backend": [1, "gpu", object(), b"numpy", "cuda"],
+    "eps": [0.0, -1e-5, 1e39, 1e-42, float("nan"), 10**400, "1e-5", None, True,
+            np.float32(1e-3), Fraction(1, 1000), 1, 1e30],
+    "momentum": [-0.1, 1.5, float("nan"), 10**400, "0.1", None, 0, 1, np.float16(0.5)],
+    "activation_param": [0.0, -0.1, 1e-40, 1e38, float("inf"), 10**400, [0.1], None, 2,
+                         np.float64(0.2), Fraction(1, 3)],
+    "activation": ["relu", ["elu"], None, 3, b"elu", "elu", "identity"],
+    "training": [1, None, "yes", np.True_],
+    "backend": [1, "gpu", object(), b"numpy", "cuda", None],
 }
 ARRAY_FAULTS = ("byte_order", "misaligned", "dtype", "shape", "read_only", "alias", "not_array",
                 "strided", "non_finite", "missing_partner")
