@@ -1,7 +1,8 @@
 // emu_math.h -- CUDA device math / bit intrinsics that have no standard C++
 // spelling.  Included by emu_cuda.h only.  <math.h> already supplies sqrtf,
 // expf, expm1f, logf, log1pf, fabsf, fmaxf, fminf, copysignf, fmaf, their
-// double versions and the isnan/isinf/isfinite overloads.
+// double versions and the isnan/isinf/isfinite/signbit overloads (the kernels
+// branch activations on signbit, so -0 behaves as on the GPU).
 #pragma once
 
 // glibc declares (but does not export) __expf/__logf/__powf, so they cannot
