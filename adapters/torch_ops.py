@@ -268,10 +268,9 @@ class _InPlaceABN(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------
 def _check_tensors(x, weight, bias, running_mean, running_var, training=True):
     """Torch-level checks the core cannot make (it sees only arrays); all before any write.
-    Besides types and devices, it refuses what PyTorch itself would refuse only after the
-    kernels had written: in-place updates of inference tensors outside inference mode, and,
-    when autograd records the call, in-place updates of views it cannot rebase and inference
-    tensors saved for backward."""
+    They include what PyTorch itself would refuse only after the kernels had written: in-place
+    updates of inference tensors outside inference mode and, when autograd records the call,
+    of views it cannot rebase, and inference tensors saved for backward."""
     named = dict(x=x, weight=weight, bias=bias, running_mean=running_mean,
                  running_var=running_var)
     for name, t in named.items():
@@ -288,35 +287,7 @@ def _check_tensors(x, weight, bias, running_mean, running_var, training=True):
     for name in ("running_mean", "running_var"):
         if named[name] is not None and named[name].requires_grad:
             raise IABNError(f"{name} must not require grad (it is a buffer updated in place)")
-    if torch.compiler.is_compiling():
-        return  # FakeTensors: functionalization handles views; nothing is written while tracing
-    for name, t in named.items():
-        if t is None:
-            continue
-        if t.layout != torch.strided:
-            raise IABNError(f"{name} has layout {t.layout}; iabn needs dense (strided) tensors")
-        if t.is_neg() or t.is_conj():  # lazy negation/conjugation: the memory holds other values
-            raise IABNError(f"{name} has its negative or conjugate bit set; pass "
-                            f"{name}.resolve_neg().resolve_conj()")
-    written = ("x", "running_mean", "running_var") if training is True else ("x",)
-    if not torch.is_inference_mode_enabled():
-        for name in written:
-            t = named[name]
-            if t is not None and t.is_inference():
-                raise IABNError(
-                    f"{name} is an inference tensor (created under torch.inference_mode) and "
-                    f"inplace_abn would update it in place outside inference mode, which PyTorch "
-                    f"forbids; pass {name}.clone(), or call inside torch.inference_mode()")
-    records = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias))
-    if not records:
-        return
-    for name in ("weight", "bias"):
-        t = named[name]
-        if t is not None and t.is_inference():
-            raise IABNError(f"{name} is an inference tensor, and autograd would have to save it "
-                            f"for backward, which PyTorch forbids; pass {name}.clone()")
-    if x.requires_grad:
+    if x.requires_grad and torch.is_grad_enabled():
         base = x if x._base is None else x._base
         if base.is_leaf:
             what = "x is a leaf tensor" if base is x else "x is a view of a leaf tensor"
@@ -324,6 +295,28 @@ def _check_tensors(x, weight, bias, running_mean, running_var, training=True):
                 f"{what} that requires grad, and inplace_abn overwrites x with its output. "
                 "Pass a non-leaf tensor instead, e.g. inplace_abn(x.clone(), ...), or use "
                 "iabn.torch.ABN, which does not work in place.")
+    if torch.compiler.is_compiling():
+        return  # FakeTensors: functionalization handles views; nothing is written while tracing
+    for name, t in named.items():
+        if t is not None and t.layout != torch.strided:
+            raise IABNError(f"{name} has layout {t.layout}; iabn needs dense (strided) tensors")
+        if t is not None and (t.is_neg() or t.is_conj()):  # the memory holds other values
+            raise IABNError(f"{name} has its negative or conjugate bit set; pass "
+                            f"{name}.resolve_neg().resolve_conj()")
+    written = ("x", "running_mean", "running_var") if training is True else ("x",)
+    for name in written if not torch.is_inference_mode_enabled() else ():
+        if named[name] is not None and named[name].is_inference():
+            raise IABNError(
+                f"{name} is an inference tensor (created under torch.inference_mode) and "
+                f"inplace_abn would update it in place outside inference mode, which PyTorch "
+                f"forbids; pass {name}.clone(), or call inside torch.inference_mode()")
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                            for t in (x, weight, bias))):
+        return  # autograd records nothing: no view rebase, nothing saved
+    for name in ("weight", "bias"):
+        if named[name] is not None and named[name].is_inference():
+            raise IABNError(f"{name} is an inference tensor, and autograd would have to save it "
+                            f"for backward, which PyTorch forbids; pass {name}.clone()")
     why = _unrebasable_view(x)
     if why:
         raise IABNError(f"x is a view {why}, and autograd cannot record an in-place update of "

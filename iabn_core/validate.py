@@ -2,10 +2,11 @@
 argument, so a rejected call leaves the caller's buffers exactly as they were.
 
 Two kinds of checks, kept apart so that a caller may cache the first kind:
-  * signature checks (`signature`, `check_scalars`, `check_input`, `check_params`,
-    `backward_signature`): they depend only on the arguments' types, devices, shapes, strides,
-    dtypes and scalar values, so every call with the same signature gets the same answer;
-  * buffer checks (`check_buffers`, `backward_buffers`' second half): they depend on this call's
+  * signature checks (`signature`, `check_scalars`, `check_input`, `check_params`, `backend`,
+    and the first loop of `backward_buffers`): they depend only on the arguments' kinds,
+    devices, shapes, strides, dtypes (byte order included), which ones are None, and the scalar
+    values, so every call with the same signature gets the same answer;
+  * buffer checks (`check_buffers`, the rest of `backward_buffers`): they depend on this call's
     memory (pointer alignment, overlap between buffers, writability) and run on every call.
 `problem` runs both for forward; `backward_buffers` both for backward.
 """
