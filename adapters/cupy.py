@@ -4,6 +4,10 @@
     # x now holds z = act(gamma * (x - mean) / sqrt(var + eps) + bias), gamma = |weight| + eps
     dx, dweight, dbias = iabn.cupy.backward(ctx, z, dz)   # dx is dz's buffer; z unchanged
 
+    # residual form, z = act(BN(x) + r): r is like x, only read, and passed again to backward
+    ctx = iabn.cupy.forward(x, weight, bias, ..., residual=r)
+    dx, dweight, dbias, dr = iabn.cupy.backward(ctx, z, dz, residual=r)   # dr = dy, new buffer
+
 CuPy arrays run the CUDA kernels; NumPy arrays run the vectorized NumPy backend, or the CPU
 emulator of the same CUDA kernels with backend="emulator" (or IABN_BACKEND=emulator).
 """

@@ -62,3 +62,12 @@ def strided_view(a, shape, strides_elems):
     import cupy
 
     return cupy.lib.stride_tricks.as_strided(a, shape=shape, strides=strides)
+
+
+def empty_like(a):
+    """New uninitialised array with a's shape, dtype, device and memory order (order="K")."""
+    if kind(a) == "numpy":
+        return np.empty_like(a, order="K")
+    import cupy
+
+    return cupy.empty_like(a, order="K")

@@ -37,6 +37,7 @@ class Context:
     training: bool
     like: Any  # an array of the forward's kind/device, for backward's checks
     comm: Any = None
+    has_residual: bool = False  # forward computed z = act(BN(x) + r): backward needs r again
 
     @property
     def mean(self):
@@ -62,15 +63,16 @@ class Context:
 
 def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *, training=True,
             momentum=0.1, eps=1e-5, activation="leaky_relu", activation_param=0.01,
-            backend=None, comm=None) -> Context:
-    """Validates everything, then x <- z in place; returns the Context backward needs."""
+            backend=None, comm=None, residual=None) -> Context:
+    """Validates everything, then x <- z = act(BN(x) [+ residual]) in place; returns the
+    Context backward needs. `residual` (like x, only read) is added before the activation."""
     with arrays.device_scope(x):
         return _forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                        activation, activation_param, backend, comm)
+                        activation, activation_param, backend, comm, residual)
 
 
 def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps, activation,
-             activation_param, backend, comm) -> Context:
+             activation_param, backend, comm, residual=None) -> Context:
     synced = comm is not None and training is True  # eval uses running stats: no collectives
     try:
         # Synced, a rank may hold no samples; the count is judged globally in comm.agree.
@@ -78,6 +80,7 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
             x, weight, bias, running_mean, running_var, training=training, momentum=momentum,
             eps=eps, activation=activation, activation_param=activation_param,
             min_count=0 if comm is not None else 2)
+        validate.forward_residual(residual, x, prob, layout, running_mean, running_var)
         be = validate.backend(x, backend)
     except ValueError:  # IABNError
         if synced:  # still join the header exchange, so the peers raise instead of waiting
@@ -98,34 +101,50 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
         stats = be.finalize(prob, partials, running_mean, running_var, momentum, True)
     else:
         stats = be.finalize(prob, None, running_mean, running_var, momentum, False)
+    r3 = None if residual is None else view3(residual, layout)
     if prob.count:
-        be.forward(prob, x3, stats, weight, bias)
-    return Context(prob, layout, tuple(x.shape), be, stats, weight, bias, training, x, comm)
+        be.forward(prob, x3, stats, weight, bias, r3)
+    return Context(prob, layout, tuple(x.shape), be, stats, weight, bias, training, x, comm,
+                   residual is not None)
 
 
-def backward(ctx: Context, z, dz, out=None):
-    """Returns (dx, dweight, dbias). dx is written over dz (default) or into `out`, a buffer
-    like z that overlaps neither z nor dz (then dz is only read). z is left unchanged."""
+def backward(ctx: Context, z, dz, out=None, residual=None, *, residual_out=None):
+    """Returns (dx, dweight, dbias), or (dx, dweight, dbias, dresidual) when the forward had
+    a residual. dx is written over dz (default) or into `out`, a buffer like z that overlaps
+    neither z nor dz (then dz is only read). z is left unchanged.
+
+    `residual` must be the forward's residual, unchanged, exactly when forward had one; its
+    gradient (= dy) goes into `residual_out` (a buffer like z that overlaps no other
+    argument) or a new array in z's layout."""
     if not isinstance(ctx, Context):
         raise validate.IABNError(f"ctx must be the Context returned by forward, got "
                                  f"{type(ctx).__name__}")
     validate.backward_buffers(ctx, z, dz, out)
+    validate.backward_residual(ctx, z, dz, out, residual, residual_out)
     with arrays.device_scope(z):
-        return _backward(ctx, z, dz, out)
+        return _backward(ctx, z, dz, out, residual, residual_out)
 
 
-def _backward(ctx: Context, z, dz, out):
+def _backward(ctx: Context, z, dz, out, residual=None, residual_out=None):
     prob, be = ctx.prob, ctx.backend
     be.prepare(prob, ("backward.cu",))
     z3, dz3 = view3(z, ctx.layout), view3(dz, ctx.layout)
     dx3 = dz3 if out is None else view3(out, ctx.layout)
+    r3 = dr3 = None
+    if residual is not None:
+        if residual_out is None:  # a new output in z's memory order (order="K" keeps it)
+            residual_out = arrays.empty_like(z)
+        r3, dr3 = view3(residual, ctx.layout), view3(residual_out, ctx.layout)
     sums = dweight = dbias = None
     if ctx.training or prob.has_weight or prob.has_bias:
-        partial = be.backward_reduce(prob, z3, dz3, ctx.stats, ctx.weight, ctx.bias)
+        partial = be.backward_reduce(prob, z3, dz3, ctx.stats, ctx.weight, ctx.bias, r3)
         sums, dweight, dbias = be.backward_finalize(prob, partial, ctx.weight, ctx.bias)
         if ctx.comm is not None and ctx.training:
             sums = ctx.comm.all_reduce(sums)
     if prob.count:
         be.backward_elementwise(prob, z3, dz3, ctx.stats, sums, ctx.weight, ctx.bias,
-                                ctx.training, dx3)
-    return (dz if out is None else out), dweight, dbias
+                                ctx.training, dx3, r3, dr3)
+    dx = dz if out is None else out
+    if residual is None:
+        return dx, dweight, dbias
+    return dx, dweight, dbias, residual_out

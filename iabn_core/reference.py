@@ -8,11 +8,12 @@ the reference is deliberately the simplest readable form, not the in-place one.
 Notation, per channel c over the N * S values of the batch (count m = N * S):
   mean mu, biased variance var, invstd = 1 / sqrt(var + eps)
   gamma~ = |w| + eps (1 without weight), b = bias (0 without bias)
-  forward:  y = gamma~ * (x - mu) * invstd + b,   z = act(y)
-  backward: y = act^-1(z), dy = dz * act'(z), xhat = (y - b) / gamma~
+  forward:  y = gamma~ * (x - mu) * invstd + b [+ r],   z = act(y)
+  backward: y = act^-1(z), dy = dz * act'(z), xhat = (y [- r] - b) / gamma~
             training: dx = gamma~ * invstd * (dy - sum(dy)/m - xhat * sum(dy*xhat)/m)
             eval:     dx = gamma~ * invstd * dy
             dweight = s(w) * sum(dy * xhat), dbias = sum(dy), s(w) = -1 if w < 0 else +1
+            with a residual r (a tensor like x, added before the activation): dr = dy
 """
 from __future__ import annotations
 
@@ -182,17 +183,22 @@ def act_derivative(name: str, z, param: float) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------- forward
-def affine_act(x, mean, inv_std, gam, bias, activation: str, param: float) -> np.ndarray:
-    """z = act(gamma~ * (x - mean) * invstd + b) on (N, C, S) with given per-channel stats."""
+def affine_act(x, mean, inv_std, gam, bias, activation: str, param: float,
+               residual=None) -> np.ndarray:
+    """z = act(gamma~ * (x - mean) * invstd + b [+ r]) on (N, C, S) with given per-channel
+    stats; r (N, C, S) is the optional residual."""
     x = np.asarray(x, dtype=np.float64)
     y = _chan(gam) * (x - _chan(mean)) * _chan(inv_std) + _chan(bias)
+    if residual is not None:
+        y = y + np.asarray(residual, dtype=np.float64)
     return act_forward(activation, y, param)
 
 
 def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
             training: bool, momentum: float = 0.1, eps: float = 1e-5,
-            activation: str = "identity", param: float = 0.01, layout: str = "ncs") -> dict:
-    """Full forward. Training: batch stats, running stats updated (when given) by
+            activation: str = "identity", param: float = 0.01, layout: str = "ncs",
+            residual=None) -> dict:
+    """Full forward (residual: optional, like x, added before the activation). Training: batch stats, running stats updated (when given) by
     ``running_update``; eval: mean/var are the running stats and count = N*S.
     Returns z (in ``layout``), mean, var, count, invstd, running_mean, running_var."""
     x = to_ncs(x, layout)
@@ -208,7 +214,8 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
             raise ValueError("eval mode needs running_mean and running_var")
         count, mean, var = x.shape[0] * x.shape[2], rm.copy(), rv.copy()
     inv = invstd(var, eps)
-    z = affine_act(x, mean, inv, gamma(weight, eps, c), _bias(bias, c), activation, param)
+    r = None if residual is None else to_ncs(residual, layout)
+    z = affine_act(x, mean, inv, gamma(weight, eps, c), _bias(bias, c), activation, param, r)
     return {"z": from_ncs(z, layout), "mean": mean, "var": var, "count": count, "invstd": inv,
             "running_mean": rm, "running_var": rv}
 
@@ -227,18 +234,20 @@ def input_grad(dy, xhat, gam, inv_std, count, sum_dy, sum_dy_xhat, training: boo
 
 def backward(z, dz, inv_std, count, weight=None, bias=None, *, training: bool,
              eps: float = 1e-5, activation: str = "identity", param: float = 0.01,
-             layout: str = "ncs") -> dict:
-    """Backward from the output z and its gradient dz only (x is never stored).
+             layout: str = "ncs", residual=None) -> dict:
+    """Backward from the output z and its gradient dz only (x is never stored), plus the
+    forward's residual when it had one.
     Returns y, dy, xhat, dx (in ``layout``), sum_dy, sum_dy_xhat, dweight, dbias
     (dweight = abs_slope(w) * sum(dy*xhat), None without weight; dbias = sum(dy), None without
-    bias)."""
+    bias) and dresidual (= dy, in ``layout``; None without a residual)."""
     z = to_ncs(z, layout)
     dz = to_ncs(dz, layout)
     c = z.shape[1]
     gam = gamma(weight, eps, c)
     y = act_inverse(activation, z, param)
     dy = dz * act_derivative(activation, z, param)
-    xhat = (y - _chan(_bias(bias, c))) / _chan(gam)
+    r = 0.0 if residual is None else to_ncs(residual, layout)
+    xhat = (y - r - _chan(_bias(bias, c))) / _chan(gam)
     sum_dy = dy.sum(axis=(0, 2))
     sum_dy_xhat = (dy * xhat).sum(axis=(0, 2))
     count = np.broadcast_to(np.asarray(count, np.float64), (c,))
@@ -247,7 +256,8 @@ def backward(z, dz, inv_std, count, weight=None, bias=None, *, training: bool,
     dbias = None if bias is None else sum_dy.copy()
     return {"y": from_ncs(y, layout), "dy": from_ncs(dy, layout),
             "xhat": from_ncs(xhat, layout), "dx": from_ncs(dx, layout), "sum_dy": sum_dy,
-            "sum_dy_xhat": sum_dy_xhat, "dweight": dweight, "dbias": dbias}
+            "sum_dy_xhat": sum_dy_xhat, "dweight": dweight, "dbias": dbias,
+            "dresidual": None if residual is None else from_ncs(dy.copy(), layout)}
 
 
 # ------------------------------------------------------------------------------ comparison

@@ -241,3 +241,59 @@ def backward_buffers(ctx, z, dz, out=None):
             if k is not None and arrays.kind(k) == arrays.kind(a) and arrays.overlaps(a, k):
                 _fail(f"{name} shares memory with {kept_name}, which backward reads while "
                       f"writing dx; pass a separate {name}")
+
+
+def _like_x(name: str, a, like, shape, x_dtype: str, layout: str):
+    """`a` has the kind, device, shape, dtype and memory layout of the op's x."""
+    check_array(name, a, like=like)
+    if tuple(a.shape) != tuple(shape):
+        _fail(f"{name} has shape {tuple(a.shape)} but x has {tuple(shape)}; it must match x")
+    dt = array_dtype(name, a)
+    if dt != x_dtype:
+        _fail(f"{name} has dtype {dt} but x has {x_dtype}; it must match x")
+    if detect(a.shape, a.strides, a.itemsize) != layout:
+        _fail(f"{name} must have x's memory layout ({layout}), got strides {tuple(a.strides)} "
+              f"for shape {tuple(a.shape)}; iabn does not copy silently")
+    _aligned(name, a)
+
+
+def forward_residual(residual, x, prob, layout: str, running_mean, running_var) -> None:
+    """The forward's residual r (z = act(BN(x) + r)): like x, only read, and sharing no memory
+    with the buffers the op writes (x, running stats)."""
+    if residual is None:
+        return
+    _like_x("residual", residual, x, x.shape, prob.x_dtype, layout)
+    for name, a in (("x", x), ("running_mean", running_mean), ("running_var", running_var)):
+        if a is not None and arrays.overlaps(residual, a):
+            _fail(f"residual shares memory with {name}, which the op overwrites; pass a "
+                  "separate buffer")
+
+
+def backward_residual(ctx, z, dz, out, residual, residual_out) -> None:
+    """Backward needs the forward's residual again exactly when forward had one; its gradient
+    goes to `residual_out` (or a new buffer). Neither may share memory with what is written."""
+    if ctx.has_residual and residual is None:
+        _fail("residual is required: the forward was given a residual, and backward reads it "
+              "again to recover BN's output")
+    if not ctx.has_residual and residual is not None:
+        _fail("residual was given to backward, but the forward had none")
+    if not ctx.has_residual and residual_out is not None:
+        _fail("residual_out was given, but the forward had no residual")
+    if residual is None:
+        return
+    _like_x("residual", residual, ctx.like, ctx.shape, ctx.prob.x_dtype, ctx.layout)
+    dx = dz if out is None else out
+    written = (("dz" if out is None else "out", dx),)
+    if residual_out is not None:
+        _like_x("residual_out", residual_out, ctx.like, ctx.shape, ctx.prob.x_dtype, ctx.layout)
+        if not arrays.writeable(residual_out):
+            _fail("residual_out is read-only; backward writes the residual's gradient into it")
+        for name, a in (("z", z), ("dz", dz), ("out", out), ("residual", residual),
+                        ("weight", ctx.weight), ("bias", ctx.bias),
+                        ("the forward's statistics", ctx.stats)):
+            if (a is not None and arrays.kind(a) == arrays.kind(residual_out)
+                    and arrays.overlaps(residual_out, a)):
+                _fail(f"residual_out shares memory with {name}; pass a separate buffer")
+    for name, a in written:
+        if arrays.overlaps(residual, a):
+            _fail(f"residual shares memory with {name}, which backward overwrites with dx")

@@ -35,14 +35,16 @@ class Case:
     shape: tuple
     affine: bool = True
     loc: float = 0.0  # per-channel mean offset in units of the spread (|mean| >> std cases)
+    residual: bool = False  # z = act(BN(x) + r) with a residual r like x
 
     @property
     def name(self) -> str:
         mode = "train" if self.training else "eval"
         aff = "" if self.affine else "-noaffine"
         loc = f"-loc{self.loc:g}" if self.loc else ""
+        res = "-residual" if self.residual else ""
         shape = "x".join(map(str, self.shape))
-        return f"{self.pair.key}-{self.layout}-{self.activation}-{mode}-{shape}{aff}{loc}"
+        return f"{self.pair.key}-{self.layout}-{self.activation}-{mode}-{shape}{aff}{loc}{res}"
 
 
 @dataclass
@@ -99,6 +101,27 @@ def matrix(quick: bool = False) -> list[Case]:
     for pair in PAIRS:
         cases.append(Case(pair, "ncs", "elu", True, (4, 3, 64), loc=300.0))
         cases.append(Case(pair, "nsc", "leaky_relu", True, (16, 5, 8), loc=1000.0))
+    return cases
+
+
+def residual_matrix(quick: bool = False) -> list[Case]:
+    """The residual form z = act(BN(x) + r): every pair x layout x activation x mode on the
+    vectorizable shape (and the odd one unless quick), plus a few awkward shapes."""
+    cases = []
+    shapes = [(4, 8, 4, 4)] if quick else [(4, 8, 4, 4), (3, 5, 7)]
+    for pair in PAIRS:
+        for layout in ("ncs", "nsc"):
+            for act in ("identity", "leaky_relu", "elu"):
+                for training in (True, False):
+                    for shape in shapes:
+                        cases.append(Case(pair, layout, act, training, shape, residual=True))
+    if not quick:
+        f32, f16 = PAIRS[0], PAIRS[2]
+        for shape, layout in (((8, 1, 33), "ncs"), ((7, 3), "nsc"), ((1, 1, 1023), "ncs"),
+                              ((3, 1031, 2), "nsc")):
+            for pair in (f32, f16):
+                cases.append(Case(pair, layout, "leaky_relu", True, shape, residual=True))
+        cases.append(Case(f32, "ncs", "elu", True, (4, 3, 64), affine=False, residual=True))
     return cases
 
 
@@ -159,6 +182,16 @@ def make_inputs(case: Case, seed: int | None = None):
     return x, dz, w, b, rm, rv
 
 
+def make_residual(case: Case, seed: int | None = None):
+    """The residual of a residual case (None otherwise): like x, in the case's layout."""
+    if not case.residual:
+        return None
+    if seed is None:
+        seed = zlib.crc32(case.name.encode()) + 1
+    r = np.random.default_rng(seed).normal(size=case.shape).astype(numpy_dtype(case.pair.x))
+    return channels_last(r) if case.layout == "nsc" else r
+
+
 def _check(result: Result, stage: str, actual, expected, dtype: str, scale=None,
            tol: float | None = None) -> None:
     """Error relative to `scale` (default max |expected|). Quantities that are small because
@@ -184,7 +217,8 @@ def run_case(case: Case, backend_name: str) -> Result:
     be = backends.get(backend_name)
     host = Host(backend_name)
     x0, dz0, w0, b0, rm0, rv0 = make_inputs(case)
-    x, dz, w, b, rm, rv = (host.put(a) for a in (x0, dz0, w0, b0, rm0, rv0))
+    r0 = make_residual(case)
+    x, dz, w, b, rm, rv, r = (host.put(a) for a in (x0, dz0, w0, b0, rm0, rv0, r0))
     # originals as float64 copies: CPU backends write into the very arrays above
     x0, dz0, rm0, rv0 = (a.astype(np.float64) for a in (x0, dz0, rm0, rv0))
     p = case.pair
@@ -196,6 +230,7 @@ def run_case(case: Case, backend_name: str) -> Result:
     res = Result(case)
     launches0 = getattr(be, "launches", 0)
     x3, dz3 = view3(x, layout), view3(dz, layout)
+    r3 = None if r is None else view3(r, layout)
     n, c = case.shape[:2]
 
     def ncs(a):  # logical (N, C, S) float64 copy, whatever the memory layout
@@ -227,17 +262,18 @@ def run_case(case: Case, backend_name: str) -> Result:
     w64 = None if w0 is None else w0.astype(np.float64)
     b64 = None if b0 is None else b0.astype(np.float64)
     gam = ref.gamma(w64, EPS, prob.c)
+    r64 = None if r is None else ncs(r)
     want_z = ref.affine_act(x64, st[1], st[3], gam, np.zeros(prob.c) if b64 is None else b64,
-                            case.activation, act_param)
-    be.forward(prob, x3, stats, w, b)
+                            case.activation, act_param, r64)
+    be.forward(prob, x3, stats, w, b, r3)
     z64 = ncs(x)
     _check(res, "forward z", z64, want_z, p.x)
 
     # backward from the backend's own z
     dz64 = ncs(dz0)
     bwd = ref.backward(z64, dz64, st[3], st[0], w64, b64, training=case.training, eps=EPS,
-                       activation=case.activation, param=act_param)
-    partial = be.backward_reduce(prob, x3, dz3, stats, w, b)
+                       activation=case.activation, param=act_param, residual=r64)
+    partial = be.backward_reduce(prob, x3, dz3, stats, w, b, r3)
     sums, dw, db = be.backward_finalize(prob, partial, w, b)
     s = host.get(sums)
     _check(res, "sum_dy", s[0], bwd["sum_dy"], p.acc, np.abs(bwd["dy"]).sum(axis=(0, 2)).max())
@@ -248,9 +284,17 @@ def run_case(case: Case, backend_name: str) -> Result:
         _check(res, "dbias", host.get(db), s[0], p.param)
     want_dx = ref.input_grad(bwd["dy"], bwd["xhat"], gam, st[3], st[0], s[0], s[1],
                              case.training)
-    be.backward_elementwise(prob, x3, dz3, stats, sums, w, b, case.training)
+    dr = dr3 = None
+    if r is not None:  # dr is written into a fresh buffer in the case's layout
+        dr = np.full(case.shape, np.nan, numpy_dtype(p.x))
+        dr = host.put(channels_last(dr) if layout == "nsc" else dr)
+        dr3 = view3(dr, layout)
+    be.backward_elementwise(prob, x3, dz3, stats, sums, w, b, case.training, None, r3, dr3)
     k = (gam * st[3]).reshape(1, -1, 1)
     _check(res, "backward dx", ncs(dz), want_dx, p.x, np.abs(k * bwd["dy"]).max())
+    if r is not None:
+        _check(res, "backward dresidual", ncs(dr), bwd["dy"], p.x)
+        _check(res, "residual unchanged", ncs(r), r64, "float64")
     _check(res, "z unchanged by backward", ncs(x), z64, "float64")
     res.launches = getattr(be, "launches", 0) - launches0
     return res

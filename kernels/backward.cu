@@ -1,10 +1,13 @@
 // Backward from the saved output z and the incoming gradient dz only (x was overwritten):
-//   y = act^-1(z), dy = dz * act'(z), xhat = (y - bias) / gamma      (all in registers)
+//   y = act^-1(z), dy = dz * act'(z), xhat = (y - r - bias) / gamma  (all in registers)
+// r is the optional residual added before the activation (z = act(BN(x) + r)); it is read
+// again here, never stored by forward, and its gradient is dr = dy.
 //   iabn_backward_reduce      partial sums (G, 2, C) of dy and dy * xhat
 //   iabn_backward_finalize    ordered merge -> sums (2, C); dweight = abs_slope(w) sum(dy xhat), dbias = sum(dy)
 //   iabn_backward_elementwise dx (which may be dz's own buffer: in place):
 //       training: dx = gamma * invstd * (dy - sum(dy)/m - xhat * sum(dy xhat)/m)
 //       eval:     dx = gamma * invstd * dy
+//       with a residual, also dr = dy (a separate output buffer)
 // Synchronized BN all-reduces `sums` between finalize and elementwise.
 #include "activations.cuh"
 #include "common.cuh"
@@ -29,11 +32,12 @@ __device__ __forceinline__ BackwardCoef<Acc> affine_of(const P* weight, const P*
   return k;
 }
 
-// (dy, xhat) of one element, recovered from its output and output-gradient.
+// (dy, xhat) of one element, recovered from its output, output-gradient and residual (0 without).
 template <class Act, class Acc>
-__device__ __forceinline__ void recover(Acc z, Acc dz, const BackwardCoef<Acc>& a, Acc p, Acc& dy, Acc& xhat) {
+__device__ __forceinline__ void recover(Acc z, Acc dz, Acc r, const BackwardCoef<Acc>& a, Acc p, Acc& dy,
+                                        Acc& xhat) {
   dy = dz * Act::derivative(z, p);
-  xhat = (Act::inverse(z, p) - a.shift) * a.inv_gamma;
+  xhat = (Act::inverse(z, p) - r - a.shift) * a.inv_gamma;
 }
 
 }  // namespace iabn
@@ -42,7 +46,8 @@ template <class T, class P, class Act, class Layout, int VEC>
 __global__ void __launch_bounds__(iabn::kBlockThreads)
 iabn_backward_reduce(const T* __restrict__ z, const T* __restrict__ dz, iabn::acc_t<T>* __restrict__ partials,
                      const P* __restrict__ weight, const P* __restrict__ bias, iabn::acc_t<T> eps,
-                     iabn::acc_t<T> act_param, long long N, long long C, long long S, long long seg) {
+                     iabn::acc_t<T> act_param, long long N, long long C, long long S, long long seg,
+                     const T* __restrict__ residual) {
   using namespace iabn;
   typedef acc_t<T> Acc;
   constexpr int CH = Layout::template channels_per_thread<VEC>();
@@ -54,11 +59,14 @@ iabn_backward_reduce(const T* __restrict__ z, const T* __restrict__ dz, iabn::ac
   Layout::template for_each_vector<VEC>(N, C, S, seg, [&](long long off) {
     const Vec<T, VEC> zv = load_vec<VEC>(z + off);
     const Vec<T, VEC> gv = load_vec<VEC>(dz + off);
+    Vec<T, VEC> rv;
+    if (residual) rv = load_vec<VEC>(residual + off);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const int s = Layout::slot(k);
+      const Acc r = residual ? to_acc<Acc>(rv.v[k]) : Acc(0);
       Acc dy, xhat;
-      recover<Act>(to_acc<Acc>(zv.v[k]), to_acc<Acc>(gv.v[k]), aff[s], act_param, dy, xhat);
+      recover<Act>(to_acc<Acc>(zv.v[k]), to_acc<Acc>(gv.v[k]), r, aff[s], act_param, dy, xhat);
       acc[s].dy += dy;
       acc[s].dy_xhat += dy * xhat;
     }
@@ -93,11 +101,12 @@ iabn_backward_finalize(const Acc* __restrict__ partials, long long G, long long 
 template <class T, class P, class Act, class Layout, int VEC>
 __global__ void __launch_bounds__(iabn::kBlockThreads)
 // dz and dx may be the same buffer (in-place backward), so neither is __restrict__; each
-// element is read before it is written, by the same thread.
+// element is read before it is written, by the same thread. dresidual overlaps nothing.
 iabn_backward_elementwise(const T* __restrict__ z, const T* dz, T* dx, const iabn::acc_t<T>* __restrict__ stats,
                           const iabn::acc_t<T>* __restrict__ sums, const P* __restrict__ weight,
                           const P* __restrict__ bias, iabn::acc_t<T> eps, iabn::acc_t<T> act_param,
-                          int training, long long N, long long C, long long S, long long seg) {
+                          int training, long long N, long long C, long long S, long long seg,
+                          const T* __restrict__ residual, T* __restrict__ dresidual) {
   using namespace iabn;
   typedef acc_t<T> Acc;
   constexpr int CH = Layout::template channels_per_thread<VEC>();
@@ -117,14 +126,19 @@ iabn_backward_elementwise(const T* __restrict__ z, const T* dz, T* dx, const iab
   Layout::template for_each_vector<VEC>(N, C, S, seg, [&](long long off) {
     const Vec<T, VEC> zv = load_vec<VEC>(z + off);
     Vec<T, VEC> gv = load_vec<VEC>(dz + off);
+    Vec<T, VEC> rv;  // residual in, then its gradient out (dr = dy)
+    if (residual) rv = load_vec<VEC>(residual + off);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const int s = Layout::slot(k);
+      const Acc r = residual ? to_acc<Acc>(rv.v[k]) : Acc(0);
       Acc dy, xhat;
-      recover<Act>(to_acc<Acc>(zv.v[k]), to_acc<Acc>(gv.v[k]), aff[s], act_param, dy, xhat);
+      recover<Act>(to_acc<Acc>(zv.v[k]), to_acc<Acc>(gv.v[k]), r, aff[s], act_param, dy, xhat);
       const BackwardCoef<Acc>& a = aff[s];
       gv.v[k] = Cast<T>::from(a.scale * (dy - a.mean_dy - xhat * a.mean_dy_xhat));
+      if (residual) rv.v[k] = Cast<T>::from(dy);
     }
     store_vec<VEC>(dx + off, gv);
+    if (residual) store_vec<VEC>(dresidual + off, rv);
   });
 }

@@ -1,5 +1,6 @@
-// Forward, in place: x <- act(gamma * (x - mean) * invstd + bias), gamma = |weight| + eps.
-// One read and one write of x; the per-channel coefficients are formed once per block.
+// Forward, in place: x <- act(gamma * (x - mean) * invstd + bias [+ r]), gamma = |weight| + eps.
+// One read and one write of x (and one read of the optional residual r, a tensor shaped and
+// laid out like x); the per-channel coefficients are formed once per block.
 #include "activations.cuh"
 #include "common.cuh"
 #include "layout.cuh"
@@ -12,7 +13,7 @@ template <class T, class P, class Act, class Layout, int VEC>
 __global__ void __launch_bounds__(iabn::kBlockThreads)
 iabn_forward(T* __restrict__ x, const iabn::acc_t<T>* __restrict__ stats, const P* __restrict__ weight,
              const P* __restrict__ bias, iabn::acc_t<T> eps, iabn::acc_t<T> act_param, long long N,
-             long long C, long long S, long long seg) {
+             long long C, long long S, long long seg, const T* __restrict__ residual) {
   using namespace iabn;
   typedef acc_t<T> Acc;
   constexpr int CH = Layout::template channels_per_thread<VEC>();
@@ -25,10 +26,13 @@ iabn_forward(T* __restrict__ x, const iabn::acc_t<T>* __restrict__ stats, const 
 
   Layout::template for_each_vector<VEC>(N, C, S, seg, [&](long long off) {
     Vec<T, VEC> v = load_vec<VEC>(x + off);
+    Vec<T, VEC> r;  // residual; only touched when present (a uniform branch: no divergence)
+    if (residual) r = load_vec<VEC>(residual + off);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const ForwardCoef<Acc>& cf = coef[Layout::slot(k)];
-      const Acc y = (to_acc<Acc>(v.v[k]) - cf.mean) * cf.scale + cf.shift;
+      Acc y = (to_acc<Acc>(v.v[k]) - cf.mean) * cf.scale + cf.shift;
+      if (residual) y += to_acc<Acc>(r.v[k]);
       v.v[k] = Cast<T>::from(Act::forward(y, act_param));
     }
     store_vec<VEC>(x + off, v);

@@ -245,3 +245,103 @@ def test_emulator_traps_a_misaligned_vector_access():
     with pytest.raises(EmulatorError, match=r"__trap\(\) called at kernels/common.cuh"):
         kernel((1, 1, 1), (8, 32, 1), (x, stats, None, None, np.float32(1e-5), np.float32(0),
                                       np.int64(1), np.int64(1), np.int64(32), np.int64(8)))
+
+
+# ------------------------------------------------------------------------------------------
+# Residual form z = act(BN(x) + r)
+# ------------------------------------------------------------------------------------------
+RESIDUAL_CASES = verify.residual_matrix()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("case", RESIDUAL_CASES, ids=[c.name for c in RESIDUAL_CASES])
+def test_residual_every_stage_matches_reference(backend, case):
+    result = verify.run_case(case, backend)
+    assert {"forward z", "backward dx", "backward dresidual"} <= {c.stage for c in result.checks}
+    assert result.passed, report(result)
+
+
+def test_a_planted_residual_bug_is_caught(monkeypatch):
+    """The residual checks can fail: dropping r from the backward's xhat is found."""
+    from iabn_core import source
+
+    original = source.assembled
+
+    def planted(filename):
+        src = original(filename)
+        if filename == "backward.cu":
+            assert "Act::inverse(z, p) - r - a.shift" in src
+            src = src.replace("Act::inverse(z, p) - r - a.shift", "Act::inverse(z, p) - a.shift")
+        return src
+
+    monkeypatch.setattr("iabn_core.backends.emulator.assembled", planted)
+    monkeypatch.setattr(backends, "_instances", {})
+    case = verify.Case(PAIRS[0], "ncs", "identity", True, (2, 3, 8), residual=True)
+    failed = {c.stage for c in verify.run_case(case, "emulator").checks if not c.passed}
+    assert {"sum_dy_xhat", "backward dx"} <= failed
+
+
+@pytest.mark.parametrize("pair", [PAIRS[0], PAIRS[2]], ids=lambda p: p.key)
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_residual_traffic_and_launch_budget(pair, layout, training):
+    """With a residual: forward reads r once more (training 2 reads of x + 1 of r + 1 write);
+    backward's reduce and elementwise each read z, dz, r (6 reads) and elementwise writes dx
+    and dr (2 writes); the launch counts are those of the plain form."""
+    from iabn_core import plan, validate
+
+    case = verify.Case(pair, layout, "leaky_relu", training, (4, 8, 16, 16), residual=True)
+    x, dz, w, b, rm, rv = verify.make_inputs(case, seed=1)
+    r = verify.make_residual(case, seed=2)
+    nbytes = x.nbytes
+    prob, _ = validate.problem(x, w, b, rm, rv, training=training, momentum=0.1, eps=1e-5,
+                               activation="leaky_relu", activation_param=0.01)
+    g = plan.elementwise(prob, plan.choose_vec(prob, [x.ctypes.data]), 1).g
+    per_channel = (g + 4) * case.shape[1] * 8 * 8
+    holder = {}
+    (ld, st), launches = _emulator_traffic(lambda: holder.setdefault("ctx", ops.forward(
+        x, w, b, rm, rv, training=training, backend="emulator", residual=r)))
+    reads = 3 if training else 2
+    assert nbytes * reads <= ld <= nbytes * reads + per_channel
+    assert nbytes <= st <= nbytes + per_channel
+    assert launches == (3 if training else 2)
+
+    got = {}
+    (ld, st), launches = _emulator_traffic(
+        lambda: got.setdefault("out", ops.backward(holder["ctx"], x, dz, residual=r)))
+    assert len(got["out"]) == 4
+    assert 6 * nbytes <= ld <= 6 * nbytes + per_channel
+    assert 2 * nbytes <= st <= 2 * nbytes + per_channel
+    assert launches == 3
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+def test_residual_full_step_matches_reference(backend, layout):
+    """ops.forward/backward with a residual end to end: z, dx, dr, dweight, dbias and the
+    running stats against the float64 closed form; dr comes back in x's layout."""
+    from iabn_core import reference as ref
+
+    case = verify.Case(PAIRS[2], layout, "elu", True, (3, 6, 5, 4), residual=True)
+    host = verify.Host(backend)
+    x0, dz0, w0, b0, rm0, rv0 = verify.make_inputs(case, seed=4)
+    r0 = verify.make_residual(case, seed=5)
+    x, dz, w, b, rm, rv, r = (host.put(a) for a in (x0, dz0, w0, b0, rm0, rv0, r0))
+    x0, dz0, rm0, rv0 = (a.copy() for a in (x0, dz0, rm0, rv0))  # CPU backends write into x, dz
+    ctx = ops.forward(x, w, b, rm, rv, activation="elu", activation_param=0.5, backend=backend,
+                      residual=r)
+    n, c = case.shape[:2]
+    f64 = lambda a: np.ascontiguousarray(a, np.float64).reshape(n, c, -1)  # noqa: E731
+    want = ref.forward(f64(x0), w0, b0, rm0, rv0, training=True, activation="elu", param=0.5,
+                       residual=f64(r0))
+    assert ref.rel_error(f64(host.get(x)), want["z"]) < 2e-3
+    assert ref.rel_error(host.get(rm), want["running_mean"]) < 2e-5
+    z64 = f64(host.get(x))
+    bwd = ref.backward(z64, f64(dz0), host.get(ctx.invstd), ctx.count, w0, b0, training=True,
+                       activation="elu", param=0.5, residual=f64(r0))
+    dx, dw, db, dr = ops.backward(ctx, x, dz, residual=r)
+    assert (dr.strides == x.strides) if not host.gpu else True
+    assert ref.rel_error(f64(host.get(dx)), bwd["dx"]) < 5e-3
+    assert ref.rel_error(f64(host.get(dr)), bwd["dresidual"]) < 2e-3
+    assert ref.rel_error(host.get(dw), bwd["dweight"]) < 1e-4
+    assert ref.rel_error(host.get(db), bwd["dbias"]) < 1e-4

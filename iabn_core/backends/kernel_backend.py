@@ -83,20 +83,24 @@ class KernelBackend:
                               mode, prob.count)
 
     # -- forward / backward ------------------------------------------------------------------
-    def forward(self, prob: Problem, x3, stats, weight, bias):
-        plan = self._plan(prob, x3)
+    # The optional residual (and its gradient) is a null pointer when absent: the same
+    # instantiations serve both forms, with a block-uniform branch in the loop body.
+    def forward(self, prob: Problem, x3, stats, weight, bias, residual3=None):
+        plan = self._plan(prob, x3, *_present(residual3))
         name = inst.forward(self._pair(prob), prob.activation, prob.layout, plan.vec)
         self._launch(prob, "forward.cu", name, plan.grid, plan.block,
                      (x3, stats, weight, bias, self._acc(prob, prob.eps),
-                      self._acc(prob, prob.activation_param)) + self._shape_args(prob, plan))
+                      self._acc(prob, prob.activation_param)) + self._shape_args(prob, plan)
+                     + (residual3,))
 
-    def backward_reduce(self, prob: Problem, z3, dz3, stats, weight, bias):
-        plan = self._plan(prob, z3, dz3)
+    def backward_reduce(self, prob: Problem, z3, dz3, stats, weight, bias, residual3=None):
+        plan = self._plan(prob, z3, dz3, *_present(residual3))
         partials = self.rt.empty((plan.g, SUM_ROWS, prob.c), prob.acc_dtype)
         name = inst.backward_reduce(self._pair(prob), prob.activation, prob.layout, plan.vec)
         self._launch(prob, "backward.cu", name, plan.grid, plan.block,
                      (z3, dz3, partials, weight, bias, self._acc(prob, prob.eps),
-                      self._acc(prob, prob.activation_param)) + self._shape_args(prob, plan))
+                      self._acc(prob, prob.activation_param)) + self._shape_args(prob, plan)
+                     + (residual3,))
         return partials
 
     def backward_finalize(self, prob: Problem, partial_sums, weight, bias):
@@ -110,11 +114,16 @@ class KernelBackend:
         return sums, dweight, dbias
 
     def backward_elementwise(self, prob: Problem, z3, dz3, stats, sums, weight, bias, training,
-                             dx3=None):
+                             dx3=None, residual3=None, dresidual3=None):
         dx3 = dz3 if dx3 is None else dx3
-        plan = self._plan(prob, z3, dz3, dx3)
+        plan = self._plan(prob, z3, dz3, dx3, *_present(residual3, dresidual3))
         name = inst.backward_elementwise(self._pair(prob), prob.activation, prob.layout, plan.vec)
         self._launch(prob, "backward.cu", name, plan.grid, plan.block,
                      (z3, dz3, dx3, stats, sums, weight, bias, self._acc(prob, prob.eps),
                       self._acc(prob, prob.activation_param), np.int32(1 if training else 0))
-                     + self._shape_args(prob, plan))
+                     + self._shape_args(prob, plan) + (residual3, dresidual3))
+
+
+def _present(*arrays):
+    """The given arrays that are not None (their alignment decides the vector width too)."""
+    return tuple(a for a in arrays if a is not None)

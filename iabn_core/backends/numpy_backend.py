@@ -53,6 +53,10 @@ def _quiet(stage):
     return run
 
 
+def _rows(a, sl):
+    return None if a is None else a[sl]
+
+
 def _f64(a):
     return np.asarray(a, dtype=np.float64)
 
@@ -167,7 +171,7 @@ class NumpyBackend:
 
     # ---------------------------------------------------------------------- forward
     @_quiet
-    def forward(self, prob, x3, stats, weight, bias):
+    def forward(self, prob, x3, stats, weight, bias, residual3=None):
         _, shape = _axes(prob)
         st = _f64(stats)
         scale = (_gamma(prob, weight) * st[3]).reshape(shape)
@@ -177,27 +181,31 @@ class NumpyBackend:
             y = _f64(x3[sl]) - mean
             y *= scale
             y += shift
+            if residual3 is not None:
+                y += _f64(residual3[sl])
             x3[sl] = _act_forward(prob, y)
 
     # --------------------------------------------------------------------- backward
-    def _dy_xhat(self, prob, z, dz, weight, bias):
-        """float64 (dy, xhat) of one chunk, recovered from z and dz only."""
+    def _dy_xhat(self, prob, z, dz, weight, bias, r=None):
+        """float64 (dy, xhat) of one chunk, recovered from z, dz and the residual r (if any)."""
         _, shape = _axes(prob)
         y, slope = _act_inverse_and_slope(prob, _f64(z))
         # Always a fresh array: callers update dy in place and must not alias dz3.
         dy = np.array(dz, dtype=np.float64) if slope is None else _f64(dz) * slope
+        if r is not None:
+            y -= _f64(r)
         y -= _bias(prob, bias).reshape(shape)
         y /= _gamma(prob, weight).reshape(shape)
         return dy, y
 
     @_quiet
-    def backward_reduce(self, prob, z3, dz3, stats, weight, bias):
+    def backward_reduce(self, prob, z3, dz3, stats, weight, bias, residual3=None):
         """(1, 2, C) partial sums of dy and dy * xhat (stats are not needed: xhat comes
         from y, b and gamma~ alone)."""
         axes, _ = _axes(prob)
         sums = np.zeros((2, prob.c))
         for sl in _chunks(prob):
-            dy, xhat = self._dy_xhat(prob, z3[sl], dz3[sl], weight, bias)
+            dy, xhat = self._dy_xhat(prob, z3[sl], dz3[sl], weight, bias, _rows(residual3, sl))
             sums[0] += dy.sum(axis=axes)
             xhat *= dy
             sums[1] += xhat.sum(axis=axes)
@@ -219,7 +227,7 @@ class NumpyBackend:
 
     @_quiet
     def backward_elementwise(self, prob, z3, dz3, stats, sums, weight, bias, training,
-                             dx3=None):
+                             dx3=None, residual3=None, dresidual3=None):
         dx3 = dz3 if dx3 is None else dx3
         _, shape = _axes(prob)
         st = _f64(stats)
@@ -230,7 +238,9 @@ class NumpyBackend:
             mean_dy = (s[0] / m).reshape(shape)
             mean_dy_xhat = (s[1] / m).reshape(shape)
         for sl in _chunks(prob):
-            dy, xhat = self._dy_xhat(prob, z3[sl], dz3[sl], weight, bias)
+            dy, xhat = self._dy_xhat(prob, z3[sl], dz3[sl], weight, bias, _rows(residual3, sl))
+            if dresidual3 is not None:
+                dresidual3[sl] = dy  # dr = dy, before dy is turned into dx below
             if training:
                 xhat *= mean_dy_xhat
                 dy -= mean_dy
