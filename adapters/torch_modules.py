@@ -116,12 +116,15 @@ class ABN(nn.Module):
         """The scale gamma that multiplies the normalised input."""
         return self.weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """act(BN(x)), or act(BN(x) + residual) with a residual like x."""
         momentum, training, counts = self._momentum_and_training()
         running_mean, running_var = self._running_stats()
         y = F.batch_norm(x, running_mean, running_var, self.weight, self.bias, training,
                          momentum, self.eps)
         self._count_batch(counts)
+        if residual is not None:
+            y = y.add_(residual)
         # y is batch_norm's fresh output, so activating it in place never touches x.
         if self.activation == "relu":
             return F.relu(y, inplace=True)
@@ -167,11 +170,13 @@ class InPlaceABN(ABN):
     def effective_weight(self) -> Optional[torch.Tensor]:
         return None if self.weight is None else self.weight.abs() + self.eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x <- act(BN(x) [+ residual]) in place; returns x."""
         momentum, training, counts = self._momentum_and_training()
         running_mean, running_var = self._running_stats()
         z = inplace_abn(x, self.weight, self.bias, running_mean, running_var, training,
-                        momentum, self.eps, self.activation, self.activation_param)
+                        momentum, self.eps, self.activation, self.activation_param,
+                        residual=residual)
         self._count_batch(counts)
         return z
 
@@ -199,12 +204,12 @@ class InPlaceABNSync(ABN):
         """Group to synchronise with; never change it between a forward and its backward."""
         self.group = group
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         momentum, training, counts = self._momentum_and_training()
         running_mean, running_var = self._running_stats()
         z = inplace_abn_sync(x, self.weight, self.bias, running_mean, running_var, training,
                              momentum, self.eps, self.activation, self.activation_param,
-                             self.group)
+                             self.group, residual=residual)
         self._count_batch(counts)
         return z
 

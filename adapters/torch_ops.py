@@ -153,21 +153,23 @@ def _acc_dtype(x_dtype: torch.dtype) -> torch.dtype:
 def _forward_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                 running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                 training: bool, momentum: float, eps: float, activation: str,
-                activation_param: float, group_name: str = "") -> torch.Tensor:
-    """x <- act(BN(x)) in place (running stats updated in place when training); returns the
-    per-channel stats (4, C): count, mean, biased var, inverse std. A non-empty group_name
-    synchronises the statistics over that torch.distributed group (see _comm)."""
+                activation_param: float, group_name: str = "",
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x <- act(BN(x) [+ residual]) in place (running stats updated in place when training);
+    returns the per-channel stats (4, C): count, mean, biased var, inverse std. A non-empty
+    group_name synchronises the statistics over that torch.distributed group (see _comm)."""
     with _device_scope(x):
         ctx = _ops.forward(to_core(x), to_core(weight), to_core(bias), to_core(running_mean),
                            to_core(running_var), training=training, momentum=momentum, eps=eps,
                            activation=activation, activation_param=activation_param,
-                           backend=_backend_for(x), comm=_comm(group_name))
+                           backend=_backend_for(x), comm=_comm(group_name),
+                           residual=to_core(residual))
         return from_core(ctx.stats)
 
 
 @_forward_op.register_fake
 def _forward_fake(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                  activation, activation_param, group_name=""):
+                  activation, activation_param, group_name="", residual=None):
     return x.new_empty((4, x.shape[1]), dtype=_acc_dtype(x.dtype))
 
 
@@ -176,13 +178,15 @@ def _param_grad_like(p: Optional[torch.Tensor], stats: torch.Tensor) -> torch.Te
     return stats.new_empty((0,)) if p is None else torch.empty_like(p)
 
 
-@torch.library.custom_op("iabn::inplace_abn_backward", mutates_args=("dx",))
+@torch.library.custom_op("iabn::inplace_abn_backward", mutates_args=("dx", "dresidual"))
 def _backward_op(z: torch.Tensor, dz: torch.Tensor, dx: torch.Tensor, stats: torch.Tensor,
                  weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], training: bool,
                  eps: float, activation: str, activation_param: float,
-                 group_name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """dx <- input gradient (z and dz are only read, unless dx is dz itself: then in place);
-    returns (dweight, dbias), empty for absent ones."""
+                 group_name: str = "", residual: Optional[torch.Tensor] = None,
+                 dresidual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """dx <- input gradient (z and dz are only read, unless dx is dz itself: then in place),
+    and dresidual <- the residual's gradient when forward had a residual; returns (dweight,
+    dbias), empty for absent ones."""
     with _device_scope(z):
         zc, dzc, dxc = to_core(z), to_core(dz), to_core(dx)
         wc, bc = to_core(weight), to_core(bias)
@@ -194,9 +198,11 @@ def _backward_op(z: torch.Tensor, dz: torch.Tensor, dx: torch.Tensor, stats: tor
                                          activation_param=activation_param, min_count=0)
         backend = _backends.select(zc, _backend_for(z))
         ctx = _ops.Context(prob, layout, tuple(zc.shape), backend, to_core(stats), wc, bc,
-                           training, zc, _comm(group_name))
+                           training, zc, _comm(group_name), residual is not None)
         same = dx.data_ptr() == dz.data_ptr()
-        _, dw, db = _ops.backward(ctx, zc, dxc if same else dzc, out=None if same else dxc)
+        _, dw, db, *_ = _ops.backward(ctx, zc, dxc if same else dzc, out=None if same else dxc,
+                                      residual=to_core(residual),
+                                      residual_out=to_core(dresidual))
         dweight = from_core(dw) if dw is not None else _param_grad_like(None, stats)
         dbias = from_core(db) if db is not None else _param_grad_like(None, stats)
         return dweight, dbias
@@ -204,7 +210,7 @@ def _backward_op(z: torch.Tensor, dz: torch.Tensor, dx: torch.Tensor, stats: tor
 
 @_backward_op.register_fake
 def _backward_fake(z, dz, dx, stats, weight, bias, training, eps, activation, activation_param,
-                   group_name=""):
+                   group_name="", residual=None, dresidual=None):
     return _param_grad_like(weight, stats), _param_grad_like(bias, stats)
 
 
@@ -225,21 +231,23 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
 class _InPlaceABN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps,
-                activation, activation_param, group_name):
+                activation, activation_param, group_name, residual):
         stats = torch.ops.iabn.inplace_abn_forward(x, weight, bias, running_mean, running_var,
                                                    training, momentum, eps, activation,
-                                                   activation_param, group_name)
+                                                   activation_param, group_name, residual)
         ctx.mark_dirty(x)
         # Only the output z (x's buffer) and per-channel tensors: backward inverts the
-        # activation and the affine map to recover what standard BN would have saved.
-        ctx.save_for_backward(x, stats, weight, bias)
+        # activation and the affine map to recover what standard BN would have saved. A
+        # residual is saved as it is (no copy): in a residual block it is the block's input,
+        # which the block's first conv keeps anyway, so its storage is counted once.
+        ctx.save_for_backward(x, stats, weight, bias, residual)
         ctx.cfg = (training, eps, activation, activation_param, group_name)
         return x
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dz):
-        z, stats, weight, bias = ctx.saved_tensors
+        z, stats, weight, bias, residual = ctx.saved_tensors
         training, eps, activation, activation_param, group_name = ctx.cfg
         # The gradient autograd hands us is not ours to overwrite: it may be aliased (an add's
         # backward passes the same tensor to both branches; `z.backward(g)` passes the user's
@@ -254,25 +262,30 @@ class _InPlaceABN(torch.autograd.Function):
             dz = dx
         # The custom op bumps dx's version counter itself (torch.library registers an
         # ADInplaceOrView kernel for every argument in mutates_args).
+        # dr = dy is a gradient of its own (not dx's buffer): a new tensor in z's layout.
+        dr = None if residual is None else torch.empty_like(z, memory_format=torch.preserve_format)
         dweight, dbias = torch.ops.iabn.inplace_abn_backward(z, dz, dx, stats, weight, bias,
                                                              training, eps, activation,
-                                                             activation_param, group_name)
+                                                             activation_param, group_name,
+                                                             residual, dr)
         return (dx,
                 dweight if weight is not None and ctx.needs_input_grad[1] else None,
                 dbias if bias is not None and ctx.needs_input_grad[2] else None,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None,
+                dr if ctx.needs_input_grad[11] else None)
 
 
 # ------------------------------------------------------------------------------------------
 # Functional API
 # ------------------------------------------------------------------------------------------
-def _check_tensors(x, weight, bias, running_mean, running_var, training=True):
+def _check_tensors(x, weight, bias, running_mean, running_var, training=True,
+                   residual=None):
     """Torch-level checks the core cannot make (it sees only arrays); all before any write.
     They include what PyTorch itself would refuse only after the kernels had written: in-place
     updates of inference tensors outside inference mode and, when autograd records the call,
     of views it cannot rebase, and inference tensors saved for backward."""
     named = dict(x=x, weight=weight, bias=bias, running_mean=running_mean,
-                 running_var=running_var)
+                 running_var=running_var, residual=residual)
     for name, t in named.items():
         if t is None and name != "x":
             continue
@@ -311,9 +324,9 @@ def _check_tensors(x, weight, bias, running_mean, running_var, training=True):
                 f"inplace_abn would update it in place outside inference mode, which PyTorch "
                 f"forbids; pass {name}.clone(), or call inside torch.inference_mode()")
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                            for t in (x, weight, bias))):
+                                            for t in (x, weight, bias, residual))):
         return  # autograd records nothing: no view rebase, nothing saved
-    for name in ("weight", "bias"):
+    for name in ("weight", "bias", "residual"):
         if named[name] is not None and named[name].is_inference():
             raise IABNError(f"{name} is an inference tensor, and autograd would have to save it "
                             f"for backward, which PyTorch forbids; pass {name}.clone()")
@@ -345,7 +358,7 @@ def _unrebasable_view(x) -> str:
 
 
 def inplace_abn(x, weight, bias, running_mean, running_var, training=True, momentum=0.1,
-                eps=1e-5, activation="leaky_relu", activation_param=0.01):
+                eps=1e-5, activation="leaky_relu", activation_param=0.01, residual=None):
     """In-place activated batch norm: x is overwritten with
     act(gamma * (x - mean) / sqrt(var + eps) + bias), gamma = |weight| + eps, and returned.
 
@@ -355,19 +368,22 @@ def inplace_abn(x, weight, bias, running_mean, running_var, training=True, momen
     r <- (1 - momentum) * r + momentum * batch_stat (the variance unbiased).
     activation: "leaky_relu", "elu" (activation_param is the slope / alpha, > 0) or
     "identity". Bad arguments raise IABNError before anything is written.
+    residual: optional tensor like x (same shape, dtype, memory layout), added before the
+    activation: x <- act(BN(x) + residual). It is only read, and saved for backward (no copy),
+    which gives it the gradient dy; modifying it in place before backward is an error there.
     """
     return _apply(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                  activation, activation_param, "")
+                  activation, activation_param, "", residual)
 
 
 def _apply(x, weight, bias, running_mean, running_var, training, momentum, eps, activation,
-           activation_param, group_name):
-    _check_tensors(x, weight, bias, running_mean, running_var, training)
+           activation_param, group_name, residual=None):
+    _check_tensors(x, weight, bias, running_mean, running_var, training, residual)
     _validate.check_scalars(training, momentum, eps, activation, activation_param,
                             acc_dtype="float64" if x.dtype == torch.float64 else "float32")
     return _InPlaceABN.apply(x, weight, bias, running_mean, running_var, training,
                              float(momentum), float(eps), activation, float(activation_param),
-                             group_name)
+                             group_name, residual)
 
 
 class SyncFallbackWarning(UserWarning, RuntimeWarning):
@@ -377,7 +393,8 @@ class SyncFallbackWarning(UserWarning, RuntimeWarning):
 
 
 def inplace_abn_sync(x, weight, bias, running_mean, running_var, training=True, momentum=0.1,
-                     eps=1e-5, activation="leaky_relu", activation_param=0.01, group=None):
+                     eps=1e-5, activation="leaky_relu", activation_param=0.01, group=None,
+                     residual=None):
     """Like `inplace_abn`, with batch statistics synchronised over `group` (None: the default
     group) when training: every rank gets the statistics of the whole global batch, and
     backward all-reduces [sum dy, sum dy*xhat]; dweight/dbias stay local (DDP averages
@@ -398,4 +415,4 @@ def inplace_abn_sync(x, weight, bias, running_mean, running_var, training=True, 
             pg = group if group is not None else dist.distributed_c10d._get_default_group()
             group_name = pg.group_name
     return _apply(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                  activation, activation_param, group_name)
+                  activation, activation_param, group_name, residual)
