@@ -10,9 +10,10 @@ torch.autocast (float16/bfloat16 inputs with float32 parameters) and channels_la
 Code that imports the official `inplace_abn` runs unchanged after `register_inplace_abn()`.
 """
 from .torch_compat import register_inplace_abn
+from .torch_convert import convert_model
 from .torch_group import active_group, set_active_group
 from .torch_modules import (ABN, IN_PLACE_MODULES, IABNConversionWarning, InPlaceABN,
-                            InPlaceABNSync, convert_model, from_batchnorm, to_batchnorm, to_sync)
+                            InPlaceABNSync, from_batchnorm, to_batchnorm, to_sync)
 from .torch_ops import IABNError, SyncFallbackWarning, inplace_abn, inplace_abn_sync
 
 __all__ = ["ABN", "InPlaceABN", "InPlaceABNSync", "inplace_abn", "inplace_abn_sync",

@@ -15,12 +15,14 @@ graph once and converts a BN when the data flow makes it exact and safe:
 A BN whose only consumer is a fused add's residual operand becomes an identity InPlaceABN: its
 output is what the fused layer saves anyway.
 When the rewrite only swaps modules (BN -> InPlaceABN, its activation module -> Identity), the
-model is changed in place and returned; otherwise the result is a torch.fx.GraphModule built
-from the model, with the same module names and state_dict keys (so checkpoints load), and the
-original model is left as it was. Use the returned model.
+model is changed in place and returned (as the Sequential-only converter before it did);
+otherwise the result is a torch.fx.GraphModule over a copy of the model's modules (same
+module names, containers and state_dict keys, so checkpoints load), and the original model is
+left as it was. Use the returned model.
 """
 from __future__ import annotations
 
+import copy
 import operator
 import warnings
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .torch_modules import (ABN, IABNConversionWarning, InPlaceABN, _unrepresentable,
+from .torch_modules import (ABN, IABNConversionWarning, IN_PLACE_MODULES, _unrepresentable,
                             from_batchnorm, to_sync)
 
 __all__ = ["convert_model"]
@@ -184,6 +186,9 @@ def _check_input(node: fx.Node, st: _State) -> Optional[str]:
     x = node.args[0] if node.args else None
     if not isinstance(x, fx.Node):
         return "its input is not a traced tensor"
+    if x.op == "placeholder":
+        return ("its input is the model's input, which the caller may still use, so it must "
+                "not be overwritten")
     if not _fresh(x, st.modules):
         return (f"its input comes from {_describe(x, st.modules)}, whose output may be kept for "
                 "its own backward or used elsewhere, so it must not be overwritten")
@@ -246,7 +251,7 @@ def _analyse(node: fx.Node, st: _State) -> Optional[str]:
         return _finish(st, _Plan(node, act, u, relu_replaced=replaced), u)
     r = _is_add_of(u, node)
     if r is None:
-        return f"followed by {_describe(u, st.modules)}, not an activation (no activation follows)"
+        return f"followed by {_describe(u, st.modules)}, not an activation"
     if not st.fuse_residual:
         return "followed by an add (fuse_residual=False)"
     if u in st.claimed:
@@ -276,9 +281,20 @@ def _finish(st: _State, plan: _Plan, out: fx.Node) -> Optional[str]:
     return None
 
 
+_OPERATORS = {operator.add, operator.sub, operator.mul, operator.truediv}
+
+
 def _module_only(plan: _Plan, st: _State) -> bool:
-    """True if the plan is a pure module swap (no change to the forward code)."""
+    """True if the plan is a pure module swap (no change to the forward code).
+
+    fx records `z += 1` as operator.add: the graph cannot tell it from `z = z + 1`. The
+    original code would then modify the saved output in place, so a converted output with an
+    arithmetic-operator user keeps the regenerated (out-of-place) code of a GraphModule."""
     if plan.add is not None:
+        return False
+    out = plan.act_node or plan.bn
+    if any(u.op == "call_function" and u.target in _OPERATORS and u.args[0] is out
+           for u in out.users):
         return False
     if plan.act_node is None:
         return plan.act.name != "identity" or _norm_act_parts(st.modules[plan.bn.target])[0] is not None
@@ -301,9 +317,11 @@ def _swap(root: nn.Module, plan: _Plan, st: _State) -> None:
 
 def _rewrite(graph: fx.Graph, plan: _Plan) -> None:
     if plan.add is not None:
+        # The add's operands as they are now: an earlier rewrite may have replaced r's node.
+        r = _is_add_of(plan.add, plan.bn)
         plan.add.prepend(plan.bn)  # after both x and r in the graph's order
         plan.bn.args = (plan.bn.args[0],)
-        plan.bn.kwargs = {"residual": plan.residual}
+        plan.bn.kwargs = {"residual": r}
     if plan.act_node is not None:
         plan.act_node.replace_all_uses_with(plan.bn)
         graph.erase_node(plan.act_node)
@@ -311,18 +329,15 @@ def _rewrite(graph: fx.Graph, plan: _Plan) -> None:
         graph.erase_node(plan.add)
 
 
-def _copy_missing(src: nn.Module, dst: nn.Module) -> None:
-    """Modules the rewritten graph no longer calls (e.g. a ReLU), back under their names."""
-    for name, m in src.named_modules():
-        if not name:
-            continue
-        parent, _, leaf = name.rpartition(".")
-        try:
-            owner = dst.get_submodule(parent) if parent else dst
-        except AttributeError:
-            continue
-        if leaf not in owner._modules:
-            owner._modules[leaf] = m
+def _graph_module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule running `graph` whose children are the model's own containers (so
+    `gm.layer1[0]` still works, unused modules stay, and state_dict order is unchanged)."""
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    gm._modules.clear()
+    gm._modules.update(model._modules)
+    for name in ("_parameters", "_buffers"):
+        getattr(gm, name).update(getattr(model, name))
+    return gm.train(model.training)
 
 
 def convert_model(model: nn.Module, sync: bool = False, group: Optional[Any] = None, *,
@@ -368,17 +383,19 @@ def convert_model(model: nn.Module, sync: bool = False, group: Optional[Any] = N
             if p.act_node is not None:
                 _set_module(model, p.act_node.target, nn.Identity())
     else:
+        # The forward code changes: the original model is left as it is (its forward would
+        # not match converted layers), and the result runs on a copy of its modules.
         for p in st.plans:
             _rewrite(graph, p)
         graph.lint()
-        out = fx.GraphModule(model, graph, class_name=type(model).__name__)
-        _copy_missing(model, out)
+        copied = copy.deepcopy(model)
+        st.modules = dict(copied.named_modules())
         for p in st.plans:
-            _swap(out, p, st)
-        out.train(model.training)
+            _swap(copied, p, st)
+        out = _graph_module(copied, graph)
     if sync:
         for name, m in list(out.named_modules()):
-            if isinstance(m, InPlaceABN) and name:
+            if isinstance(m, IN_PLACE_MODULES) and name:
                 _set_module(out, name, to_sync(m, group))
     if st.skipped:
         warnings.warn("convert_model left these BatchNorm layers unchanged:\n  "

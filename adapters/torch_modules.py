@@ -1,4 +1,5 @@
-"""Modules (ABN, InPlaceABN, InPlaceABNSync) and conversion to and from torch.nn.BatchNorm.
+"""Modules (ABN, InPlaceABN, InPlaceABNSync) and conversion of single layers to and from
+torch.nn.BatchNorm (whole models: iabn.torch_convert.convert_model).
 
 Names, arguments, defaults and state_dict keys follow the official `inplace_abn` package, so
 switching is a one-line import change and its checkpoints load unchanged. Like the official
@@ -20,8 +21,8 @@ from iabn_core.validate import IABNError
 
 from .torch_ops import inplace_abn, inplace_abn_sync
 
-__all__ = ["ABN", "InPlaceABN", "InPlaceABNSync", "IN_PLACE_MODULES", "convert_model",
-           "from_batchnorm", "to_batchnorm", "to_sync", "IABNConversionWarning"]
+__all__ = ["ABN", "InPlaceABN", "InPlaceABNSync", "IN_PLACE_MODULES", "from_batchnorm",
+           "to_batchnorm", "to_sync", "IABNConversionWarning"]
 
 # ABN does not invert its activation, so it also takes relu; in-place modules cannot.
 _ABN_ACTIVATIONS = ("relu", "leaky_relu", "elu", "identity")
@@ -300,42 +301,6 @@ def to_batchnorm(m: ABN, bn_class: Optional[type] = None) -> nn.Sequential:
 # Every module that works in place (InPlaceABNSync is not an InPlaceABN, see its class).
 IN_PLACE_MODULES = (InPlaceABN, InPlaceABNSync)
 
-# Modules whose output is a fresh tensor that nothing else keeps for backward, so the
-# following BN may overwrite it.
-_FRESH_OUTPUT = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                 nn.ConvTranspose3d, nn.Linear)
-
-
-def _invertible(act: nn.Module):
-    """(activation, activation_param) for an invertible activation module, else None."""
-    if type(act) is nn.Identity:
-        return "identity", 0.01
-    if type(act) is nn.LeakyReLU and act.negative_slope > 0:
-        return "leaky_relu", float(act.negative_slope)
-    if type(act) is nn.ELU and act.alpha > 0:
-        return "elu", float(act.alpha)
-    return None
-
-
-def _why_not(children, i) -> Optional[str]:
-    bn = children[i][1]
-    if i == 0:
-        return ("first in its nn.Sequential: its input comes from outside and may be used "
-                "again (e.g. by a residual connection), so it must not be overwritten")
-    prev = children[i - 1][1]
-    if not isinstance(prev, _FRESH_OUTPUT):
-        return (f"follows {type(prev).__name__}, whose output may be kept for its own backward "
-                "or used elsewhere")
-    if i + 1 == len(children):
-        return "no activation follows it in its nn.Sequential"
-    nxt = children[i + 1][1]
-    if _invertible(nxt) is None:
-        return (f"followed by {type(nxt).__name__}, which is not an invertible activation "
-                "(LeakyReLU or ELU with a positive parameter, or Identity)")
-    if _unrepresentable(bn):
-        return "has channels with gamma <= eps, which InPlaceABN cannot represent"
-    return None
-
 
 def to_sync(m: ABN, group: Optional[Any] = None) -> InPlaceABNSync:
     """The InPlaceABNSync equivalent of an InPlaceABN (same config, state, device, dtype and
@@ -352,45 +317,3 @@ def to_sync(m: ABN, group: Optional[Any] = None) -> InPlaceABNSync:
     if hasattr(m, "_bn_class"):
         s._bn_class = m._bn_class
     return s.train(m.training)
-
-
-def _convert(module: nn.Module, prefix: str, skipped: list, sync: bool = False,
-             group: Optional[Any] = None) -> None:
-    children = list(module._modules.items())
-    in_seq = isinstance(module, nn.Sequential)
-    for i, (name, child) in enumerate(children):
-        if child is None:
-            continue
-        if sync and isinstance(child, IN_PLACE_MODULES):
-            module._modules[name] = to_sync(child, group)
-        elif isinstance(child, _BatchNorm):
-            reason = (_why_not(children, i) if in_seq else
-                      "not inside an nn.Sequential, so what produces its input and consumes "
-                      "its output is unknown")
-            if reason:
-                skipped.append(f"{prefix}{name}: {reason}")
-                continue
-            act_name, act = children[i + 1]
-            m = from_batchnorm(child, *_invertible(act))
-            module._modules[name] = to_sync(m, group) if sync else m
-            module._modules[act_name] = nn.Identity()
-        else:
-            _convert(child, f"{prefix}{name}.", skipped, sync, group)
-
-
-def convert_model(model: nn.Module, sync: bool = False, group: Optional[Any] = None) -> nn.Module:
-    """Replace, in place, every `Conv/Linear -> BatchNorm -> invertible activation` run inside
-    an nn.Sequential with `Conv/Linear -> InPlaceABN -> Identity`; returns the model.
-
-    Only exact, safe replacements are made; every BatchNorm left as it is, and why, is listed
-    in one IABNConversionWarning (e.g. BN followed by ReLU, which is not invertible).
-
-    sync=True makes the in-place layers InPlaceABNSync over `group` (None: the default group),
-    including InPlaceABN layers already in the model, like nn.SyncBatchNorm.
-    convert_sync_batchnorm does for BatchNorm; ABN layers are left as they are."""
-    skipped: list[str] = []
-    _convert(model, "", skipped, sync, group)
-    if skipped:
-        warnings.warn("convert_model left these BatchNorm layers unchanged:\n  "
-                      + "\n  ".join(skipped), IABNConversionWarning, stacklevel=2)
-    return model

@@ -191,8 +191,8 @@ def test_convert_model_converts_safe_pairs_and_reports_the_rest():
                 nn.Conv2d(4, 4, 3), _random_bn(seed=2), nn.ReLU(),             # not invertible
                 nn.Conv2d(4, 4, 1), _random_bn(seed=3), nn.ELU(),              # converted
                 nn.Conv2d(4, 4, 1), _random_bn(seed=4))                        # nothing after
-            self.pre = nn.Sequential(_random_bn(nn.BatchNorm2d, 3), nn.Identity())  # first
-            self.loose = _random_bn(seed=5)                                    # outside Sequential
+            self.pre = nn.Sequential(_random_bn(nn.BatchNorm2d, 3), nn.Identity())  # model input
+            self.loose = _random_bn(seed=5)                                    # input from a BN
 
         def forward(self, x):
             return self.loose(self.body(self.pre(x)))
@@ -204,8 +204,9 @@ def test_convert_model_converts_safe_pairs_and_reports_the_rest():
         out_net = it.convert_model(net)
     assert out_net is net
     msg = str(rec[0].message)
-    for reason in ("body.4: followed by ReLU", "body.10: no activation", "pre.0: first",
-                   "loose: not inside an nn.Sequential"):
+    for reason in ("body.4: followed by ReLU", "body.10: followed by BatchNorm2d (loose), not an "
+                   "activation", "pre.0: its input is the model's input",
+                   "loose: its input comes from BatchNorm2d (body.10)"):
         assert reason in msg
     kinds = [type(m).__name__ for m in net.body]
     assert kinds[1:3] == ["InPlaceABN", "Identity"] and kinds[7:9] == ["InPlaceABN", "Identity"]
