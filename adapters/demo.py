@@ -1,6 +1,8 @@
-"""Demo: `python -m iabn.demo` trains a small conv net twice on synthetic data, once with
-standard BatchNorm2d + LeakyReLU and once with InPlaceABN, and shows that the losses agree
-while InPlaceABN saves less for backward. Runs on the GPU when there is one, else on the CPU.
+"""Demo: `python -m iabn.demo` trains a small residual conv net three times on synthetic
+data: with standard BatchNorm2d + LeakyReLU, with InPlaceABN (convert_model with
+fuse_residual=False), and with InPlaceABN plus the fused residual (convert_model, which turns
+each block's BN -> add -> LeakyReLU into one layer), and shows that the losses agree while
+InPlaceABN saves less for backward. Runs on the GPU when there is one, else on the CPU.
 Ends with the correctness runner's quick verdict on the same machine.
 """
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -21,9 +24,23 @@ def standard(c: int):
     return [nn.BatchNorm2d(c), nn.LeakyReLU(0.01)]
 
 
+class Residual(nn.Module):
+    """conv -> BN -> LeakyReLU -> conv -> BN, + input, LeakyReLU (a ResNet basic block)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.act = nn.LeakyReLU(0.01)
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
+        return self.act(out + x)
+
+
 def make_net(norm, width: int = 32, classes: int = 10) -> nn.Sequential:
-    layers = block(3, width, norm) + block(width, width, norm) + [nn.MaxPool2d(2)]
-    layers += block(width, 2 * width, norm) + block(2 * width, 2 * width, norm)
+    layers = block(3, width, norm) + [Residual(width), nn.MaxPool2d(2)]
+    layers += block(width, 2 * width, norm) + [Residual(2 * width)]
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, classes)]
     return nn.Sequential(*layers)
 
@@ -80,23 +97,29 @@ def main(argv=None) -> int:
              torch.randint(0, 10, (args.batch,), generator=gen).to(device)) for _ in range(4)]
 
     base = make_net(standard).to(device)
-    iabn_net = convert_model(copy.deepcopy(base)).to(device)  # same weights, BN+act -> InPlaceABN
+    # same weights; BN+act -> InPlaceABN, with and without the residual fused in
+    with warnings.catch_warnings():  # it lists each block's last BN (followed by the add)
+        warnings.simplefilter("ignore")
+        nets = {"InPlaceABN": convert_model(copy.deepcopy(base), fuse_residual=False)}
+    nets["+ fused residual"] = convert_model(copy.deepcopy(base))
     print(f"device: {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}")
-    print(f"net: 4 x (conv3x3 -> BN + LeakyReLU), batch {args.batch}, {args.size}x{args.size} images")
+    print(f"net: 2 x (conv3x3 -> BN + LeakyReLU -> residual block), batch {args.batch}, "
+          f"{args.size}x{args.size} images")
 
     bytes_std = saved_bytes(copy.deepcopy(base), *data[0])
-    bytes_iabn = saved_bytes(copy.deepcopy(iabn_net), *data[0])
+    got = {k: (saved_bytes(copy.deepcopy(m), *data[0]), *train(m, data, args.steps, device))
+           for k, m in nets.items()}
     loss_std, peak_std = train(base, data, args.steps, device)
-    loss_iabn, peak_iabn = train(iabn_net, data, args.steps, device)
 
-    print(f"\n{'step':>4}  {'BatchNorm2d+LeakyReLU':>22}  {'InPlaceABN':>12}")
-    for i, (a, b) in enumerate(zip(loss_std, loss_iabn)):
-        print(f"{i:>4}  {a:>22.5f}  {b:>12.5f}")
-    print(f"\nsaved for backward: standard {bytes_std / 2**20:.2f} MiB, InPlaceABN "
-          f"{bytes_iabn / 2**20:.2f} MiB ({100 * (1 - bytes_iabn / bytes_std):.0f}% less)")
-    if peak_std is not None:
-        print(f"peak GPU memory:    standard {peak_std:.1f} MiB, InPlaceABN {peak_iabn:.1f} MiB")
-    drift = max(abs(a - b) for a, b in zip(loss_std, loss_iabn))
+    print(f"\n{'step':>4}  {'BatchNorm2d+LeakyReLU':>22}" + "".join(f"  {k:>16}" for k in got))
+    for i, a in enumerate(loss_std):
+        print(f"{i:>4}  {a:>22.5f}" + "".join(f"  {g[1][i]:>16.5f}" for g in got.values()))
+    print(f"\nsaved for backward: standard {bytes_std / 2**20:.2f} MiB")
+    for k, (b, _, peak) in got.items():
+        print(f"  {k:>16}: {b / 2**20:.2f} MiB ({100 * (1 - b / bytes_std):.0f}% less)"
+              + (f"; peak GPU memory {peak:.1f} MiB (standard {peak_std:.1f})"
+                 if peak is not None else ""))
+    drift = max(abs(a - b) for g in got.values() for a, b in zip(loss_std, g[1]))
     print(f"largest loss difference over {args.steps} steps: {drift:.2e}")
 
     if args.no_check:

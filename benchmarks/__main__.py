@@ -196,7 +196,7 @@ def write_outputs(out: Path, run: Run, settings: Settings, env: dict, gpu: bool,
             report.wide_peak_rows(peak), out / "memory_vs_batch.png",
             f"Peak allocated GPU memory of one training step ({env['device']})",
             "standard_peak", "iabn_peak", report.GIB, "GiB",
-            budget=settings.memory_budget_gib)
+            budget=settings.memory_budget_gib, key_fused="iabn_fused_peak")
         md += ["## Peak memory per training step (GPU)", "", "![memory](memory_vs_batch.png)", ""]
         md += report.peak_section(peak, max_rows)
     else:
@@ -209,11 +209,15 @@ def write_outputs(out: Path, run: Run, settings: Settings, env: dict, gpu: bool,
         report.plot_memory_vs_batch(
             rows, out / "saved_bytes_vs_batch.png",
             "CPU-measured: activation bytes saved for backward (saved-tensor hooks), "
-            "not GPU peak memory", "standard_bytes", "iabn_bytes", report.MIB, "MiB")
+            "not GPU peak memory", "standard_bytes", "iabn_bytes", report.MIB, "MiB",
+            key_fused="iabn_fused_bytes")
         md += ["## Bytes saved for backward (measured on the CPU)", "",
                "Distinct storages autograd keeps after the forward pass (parameters excluded); "
                "the same tensors a GPU run would keep. Standard = BatchNorm2d + in-place "
-               "LeakyReLU; the last BN of each bottleneck has no activation in both nets.", "",
+               "LeakyReLU. iabn: InPlaceABN where BN has an activation (a bottleneck's last BN, "
+               "followed by the residual add, stays an identity InPlaceABN). iabn + fused "
+               "residual: the standard net through `convert_model`, which turns BN -> add -> "
+               "LeakyReLU into one InPlaceABN computing act(BN(x) + r).", "",
                "![saved bytes](saved_bytes_vs_batch.png)", ""]
         md += report.saved_section(rows)
     else:

@@ -58,7 +58,7 @@ class NetSetup:
     """A network and the batch sizes to measure it at. `size` is the input's H=W: the image
     for ResNet, the backbone feature map (output stride 8) for the DeepLab head."""
 
-    net: str  # "resnet50" or "deeplab_head"
+    net: str  # "resnet50", "deeplab_head" or "deeplabv3_resnet50"
     size: int
     width: int  # ResNet base width (64 = ResNet-50) or the head's input channels
     batches: tuple
@@ -101,12 +101,15 @@ class Settings:
         scale with the pixel count, and the standard/iabn ratio does not depend on it."""
         if self.tiny:
             return [NetSetup("resnet50", 64, 8, (1, 2), 10),
-                    NetSetup("deeplab_head", 8, 32, (1, 2), 5)]
+                    NetSetup("deeplab_head", 8, 32, (1, 2), 5),
+                    NetSetup("deeplabv3_resnet50", 64, 8, (1, 2), 5)]
         if device == "cpu":
             return [NetSetup("resnet50", 224, 64, (1, 2, 4)),
-                    NetSetup("deeplab_head", 32, 2048, (1, 2), 19)]
+                    NetSetup("deeplab_head", 32, 2048, (1, 2), 19),
+                    NetSetup("deeplabv3_resnet50", 256, 64, (1, 2), 21)]
         return [NetSetup("resnet50", 224, 64, (16, 32, 64, 128)),
-                NetSetup("deeplab_head", 64, 2048, (2, 4, 8, 16), 19)]
+                NetSetup("deeplab_head", 64, 2048, (2, 4, 8, 16), 19),
+                NetSetup("deeplabv3_resnet50", 512, 64, (2, 4, 8, 16), 21)]
 
     # -- machine-independent counts ------------------------------------------------------------
     def traffic_shape(self) -> tuple:

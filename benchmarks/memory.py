@@ -1,7 +1,7 @@
 """Memory: bytes autograd saves for backward (any device) and GPU peak memory per training step.
 
-Both compare the same network built with standard BN + in-place LeakyReLU and with InPlaceABN
-(benchmarks.nets). Saved bytes are exact and deterministic, so they run on the CPU and in CI;
+All compare the same network built with standard BN + in-place LeakyReLU, with InPlaceABN, and
+with InPlaceABN plus the fused residual (convert_model of the standard net; benchmarks.nets). Saved bytes are exact and deterministic, so they run on the CPU and in CI;
 peak allocated memory needs torch's CUDA caching allocator and runs only on a GPU.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from . import nets
 from .cases import NetSetup, Settings
 
-KINDS = ("standard", "iabn")
+KINDS = ("standard", "iabn", "iabn_fused")
 
 
 def saved_bytes(model: torch.nn.Module, x) -> int:
@@ -41,7 +41,8 @@ def saved_bytes(model: torch.nn.Module, x) -> int:
 
 
 def saved_bytes_rows(settings: Settings, device: str = "cpu") -> list[dict]:
-    """One row per (network, batch): saved bytes for standard and iabn, and the saving."""
+    """One row per (network, batch): saved bytes for every kind, and the savings of iabn and
+    iabn_fused relative to standard."""
     rows = []
     for setup in settings.net_setups(device):
         models = {k: nets.build(setup, k, device) for k in KINDS}
@@ -50,11 +51,15 @@ def saved_bytes_rows(settings: Settings, device: str = "cpu") -> list[dict]:
             got = {k: saved_bytes(models[k], x) for k in KINDS}
             rows.append(dict(device=device, net=setup.net, input=_input_label(setup), batch=n,
                              standard_bytes=got["standard"], iabn_bytes=got["iabn"],
-                             saving=1 - got["iabn"] / got["standard"]))
+                             saving=1 - got["iabn"] / got["standard"],
+                             iabn_fused_bytes=got["iabn_fused"],
+                             saving_fused=1 - got["iabn_fused"] / got["standard"]))
     return rows
 
 
 def _input_label(setup: NetSetup) -> str:
+    if setup.net == "deeplabv3_resnet50":
+        return f"3x{setup.size}x{setup.size} (width {setup.width}, output stride 8)"
     if setup.net == "resnet50":
         return f"3x{setup.size}x{setup.size} (width {setup.width})"
     crop = setup.size * 8

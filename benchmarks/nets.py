@@ -1,10 +1,14 @@
 """ResNet-50-style and DeepLab-style networks whose BN+activation is pluggable.
 
 `norm(c, activation)` builds one BN layer with its activation ("leaky_relu" or "identity"):
-  standard: nn.BatchNorm2d followed by an in-place nn.LeakyReLU, the fair baseline (an
-            in-place activation adds no buffer of its own; what remains is BN's saved input)
-  iabn:     iabn.torch.InPlaceABN, which saves only its output
-Everything else (convs, pooling, the residual adds) is identical between the two.
+  standard:   nn.BatchNorm2d followed by an in-place nn.LeakyReLU, the fair baseline (an
+              in-place activation adds no buffer of its own; what remains is BN's saved input)
+  iabn:       iabn.torch.InPlaceABN, which saves only its output; a bottleneck's last BN
+              (no activation of its own) is an identity InPlaceABN before the add
+  iabn_fused: the standard network run through iabn.torch.convert_model: every BN -> act and
+              every BN -> add -> act (the bottleneck's end) becomes one InPlaceABN, the latter
+              with the residual fused in, z = act(BN(x) + r)
+Everything else (convs, pooling, the residual adds) is identical between them.
 """
 from __future__ import annotations
 
@@ -37,13 +41,13 @@ def _conv(cin, cout, k, stride=1, dilation=1):
 
 
 class Bottleneck(nn.Module):
-    """1x1 -> 3x3 (stride) -> 1x1 with BN+act after the first two and BN (identity) after the
-    last, then residual add and an in-place LeakyReLU, as in ResNet-50 v1.5."""
+    """1x1 -> 3x3 (stride or dilation) -> 1x1 with BN+act after the first two and BN (identity)
+    after the last, then residual add and an in-place LeakyReLU, as in ResNet-50 v1.5."""
 
-    def __init__(self, cin, mid, cout, stride, norm):
+    def __init__(self, cin, mid, cout, stride, norm, dilation=1):
         super().__init__()
         self.conv1, self.bn1 = _conv(cin, mid, 1), norm(mid, "leaky_relu")
-        self.conv2, self.bn2 = _conv(mid, mid, 3, stride), norm(mid, "leaky_relu")
+        self.conv2, self.bn2 = _conv(mid, mid, 3, stride, dilation), norm(mid, "leaky_relu")
         self.conv3, self.bn3 = _conv(mid, cout, 1), norm(cout, "identity")
         self.down = None
         if stride != 1 or cin != cout:
@@ -56,19 +60,24 @@ class Bottleneck(nn.Module):
 
 
 class ResNet50(nn.Module):
-    """ResNet-50 (blocks 3-4-6-3, expansion 4) with base width `width` (64 = the real one)."""
+    """ResNet-50 (blocks 3-4-6-3, expansion 4) with base width `width` (64 = the real one).
+    dilated=True replaces the strides of the last two stages by dilation (output stride 8,
+    the DeepLabV3 backbone)."""
 
-    def __init__(self, norm, width=64, classes=1000):
+    def __init__(self, norm, width=64, classes=1000, dilated=False):
         super().__init__()
         self.stem = nn.Sequential(_conv(3, width, 7, 2), norm(width, "leaky_relu"),
                                   nn.MaxPool2d(3, 2, 1))
-        layers, cin = [], width
+        layers, cin, dilation = [], width, 1
         for i, blocks in enumerate((3, 4, 6, 3)):
             mid = width * 2 ** i
             for j in range(blocks):
                 stride = 2 if (i > 0 and j == 0) else 1
-                layers.append(Bottleneck(cin, mid, mid * 4, stride, norm))
+                if dilated and i >= 2 and j == 0:
+                    dilation, stride = dilation * 2, 1
+                layers.append(Bottleneck(cin, mid, mid * 4, stride, norm, dilation))
                 cin = mid * 4
+        self.out_channels = cin
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(cin, classes)
 
@@ -104,26 +113,51 @@ class DeepLabHead(nn.Module):
         return F.interpolate(x, scale_factor=8, mode="bilinear", align_corners=False)
 
 
+class DeepLabV3(nn.Module):
+    """DeepLabV3-ResNet50: the dilated ResNet-50 (output stride 8) and the ASPP head above,
+    upsampled to the image size."""
+
+    def __init__(self, norm, width=64, classes=21):
+        super().__init__()
+        self.backbone = ResNet50(norm, width, dilated=True)
+        del self.backbone.fc  # features only
+        self.head = DeepLabHead(norm, cin=self.backbone.out_channels, classes=classes)
+
+    def forward(self, x):
+        return self.head(self.backbone.layers(self.backbone.stem(x)))
+
+
 def build(setup: NetSetup, kind: str, device) -> nn.Module:
-    """The network of `setup` with `kind` ('standard' or 'iabn') BN layers, in train mode."""
-    torch.manual_seed(0)  # same conv weights for both kinds
-    norm = NORMS[kind]
+    """The network of `setup` with `kind` ('standard', 'iabn' or 'iabn_fused') BN layers, in
+    train mode."""
+    torch.manual_seed(0)  # same conv weights for every kind
+    norm = NORMS["standard" if kind == "iabn_fused" else kind]
     if setup.net == "resnet50":
         model = ResNet50(norm, setup.width, setup.classes)
     elif setup.net == "deeplab_head":
         model = DeepLabHead(norm, cin=setup.width, classes=setup.classes)
+    elif setup.net == "deeplabv3_resnet50":
+        model = DeepLabV3(norm, setup.width, setup.classes)
     else:
         raise ValueError(f"unknown network {setup.net!r}")
+    if kind == "iabn_fused":
+        from iabn.torch import convert_model
+
+        model = convert_model(model)  # converts every BN here; it warns if one is left
     return model.to(device).train()
 
 
 def batch(setup: NetSetup, n: int, device, seed: int = 0):
-    """(input, target) for one training step: an image batch for ResNet, a backbone feature
-    map plus per-pixel labels at 8x its size for the DeepLab head."""
+    """(input, target) for one training step: an image batch for ResNet (class labels) and
+    DeepLabV3 (per-pixel labels), a backbone feature map plus per-pixel labels at 8x its size
+    for the DeepLab head."""
     g = torch.Generator().manual_seed(seed)
     if setup.net == "resnet50":
         x = torch.randn(n, 3, setup.size, setup.size, generator=g)
         y = torch.randint(0, setup.classes, (n,), generator=g)
+    elif setup.net == "deeplabv3_resnet50":
+        x = torch.randn(n, 3, setup.size, setup.size, generator=g)
+        y = torch.randint(0, setup.classes, (n, setup.size, setup.size), generator=g)
     else:
         x = torch.randn(n, setup.width, setup.size, setup.size, generator=g)
         y = torch.randint(0, setup.classes, (n, setup.size * 8, setup.size * 8), generator=g)

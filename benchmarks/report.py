@@ -17,6 +17,8 @@ TARGET_WORST = 0.95  # no shape slower than this
 TARGET_BANDWIDTH = 0.85  # fraction of device-to-device copy bandwidth
 # The paper's headline (Rota Bulo et al., CVPR 2018, abstract): "memory savings of up to 50%".
 PAPER_SAVING = 0.50
+# Saved-for-backward bytes with the fused residual vs BN + LeakyReLU (issue 12's targets).
+TARGET_FUSED_SAVING = {"resnet50": 0.35, "deeplabv3_resnet50": 0.30}
 GIB, MIB = 2 ** 30, 2 ** 20
 
 
@@ -80,15 +82,20 @@ def plot_speed(rows: list[dict], path: Path, device: str) -> None:
 
 
 def plot_memory_vs_batch(rows: list[dict], path: Path, title: str, key_std: str,
-                         key_iabn: str, unit: float, unit_name: str, budget=None) -> None:
-    """Memory vs batch size per network, standard BN+act vs InPlaceABN. Accepts wide rows
-    (one per batch with both kinds) or long rows (one per batch and kind)."""
+                         key_iabn: str, unit: float, unit_name: str, budget=None,
+                         key_fused: str | None = None) -> None:
+    """Memory vs batch size per network, standard BN+act vs InPlaceABN (and InPlaceABN with
+    the fused residual, when key_fused names its column). Accepts wide rows (one per batch
+    with every kind) or long rows (one per batch and kind)."""
     plt = _plt()
     nets = list(dict.fromkeys(r["net"] for r in rows))
     fig, axes = plt.subplots(1, len(nets), figsize=(5.5 * len(nets), 4), squeeze=False)
     for ax, net in zip(axes[0], nets):
         sub = [r for r in rows if r["net"] == net]
-        for key, name in ((key_std, "standard BN + LeakyReLU"), (key_iabn, "InPlaceABN")):
+        for key, name in ((key_std, "standard BN + LeakyReLU"), (key_iabn, "InPlaceABN"),
+                          (key_fused, "InPlaceABN + fused residual")):
+            if key is None:
+                continue
             pts = sorted((r["batch"], r[key] / unit) for r in sub if r.get(key) is not None)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
@@ -216,10 +223,27 @@ def _bytes(v) -> str:
     return f"{v} B"
 
 
+def saved_targets(rows: list[dict]) -> list[list]:
+    """[target, measured, wanted, verdict] for the fused-residual saving of each target net
+    (the smallest saving over the measured batches)."""
+    out = []
+    for net, want in TARGET_FUSED_SAVING.items():
+        got = [float(r["saving_fused"]) for r in rows if r["net"] == net
+               and r.get("saving_fused") not in (None, "")]
+        best = min(got) if got else None
+        out.append([f"{net}: saved bytes, InPlaceABN + fused residual vs BN + LeakyReLU",
+                    _f(best, "{:.1%}"), f">= {want:.0%} less", _verdict(best, want)])
+    return out
+
+
 def saved_section(rows: list[dict]) -> list[str]:
-    return _table(["device", "net", "input", "batch", "standard", "iabn", "saving"],
-                  [[r["device"], r["net"], r["input"], r["batch"], _bytes(r["standard_bytes"]),
-                    _bytes(r["iabn_bytes"]), _f(r["saving"], "{:.1%}")] for r in rows])
+    lines = _table(TARGET_HEADER, saved_targets(rows))
+    return lines + _table(
+        ["device", "net", "input", "batch", "standard", "iabn", "saving", "iabn + fused residual",
+         "saving"],
+        [[r["device"], r["net"], r["input"], r["batch"], _bytes(r["standard_bytes"]),
+          _bytes(r["iabn_bytes"]), _f(r["saving"], "{:.1%}"), _bytes(r["iabn_fused_bytes"]),
+          _f(r["saving_fused"], "{:.1%}")] for r in rows])
 
 
 def traffic_section(rows: list[dict]) -> list[str]:
