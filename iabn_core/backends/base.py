@@ -70,18 +70,23 @@ class Backend(Protocol):
         (r <- (1-momentum) r + momentum * stat, var unbiased by m/(m-1)).
         Eval: partials is None; mean/var come from the running stats, count = prob.count."""
 
-    def forward(self, prob: Problem, x3: Any, stats: Any, weight: Any, bias: Any) -> None:
-        """x3 <- act(gamma * (x3 - mean) * invstd + bias), gamma = |weight| + eps, in place."""
+    def forward(self, prob: Problem, x3: Any, stats: Any, weight: Any, bias: Any,
+                residual3: Any = None) -> None:
+        """x3 <- act(gamma * (x3 - mean) * invstd + bias [+ residual3]), gamma = |weight| + eps,
+        in place. residual3 is a 3-D view like x3 that overlaps nothing written."""
 
     def backward_reduce(self, prob: Problem, z3: Any, dz3: Any, stats: Any,
-                        weight: Any, bias: Any) -> Any:
-        """Per-piece partial sums (G, 2, C) of dy and dy * xhat, recovered from z and dz."""
+                        weight: Any, bias: Any, residual3: Any = None) -> Any:
+        """Per-piece partial sums (G, 2, C) of dy and dy * xhat, recovered from z and dz (and
+        the forward's residual: xhat = (act^-1(z) - r - bias) / gamma)."""
 
     def backward_finalize(self, prob: Problem, partial_sums: Any, weight: Any,
                           bias: Any) -> tuple[Any, Any, Any]:
         """(sums (2, C), dweight or None, dbias or None); dweight = abs_slope(w) * sum(dy*xhat)."""
 
     def backward_elementwise(self, prob: Problem, z3: Any, dz3: Any, stats: Any, sums: Any,
-                             weight: Any, bias: Any, training: bool, dx3: Any = None) -> None:
+                             weight: Any, bias: Any, training: bool, dx3: Any = None,
+                             residual3: Any = None, dresidual3: Any = None) -> None:
         """dx3 <- dx (dx3 defaults to dz3: in place). Training uses sums and stats' count row;
-        eval ignores sums. dx3 is dz3 itself or a buffer that overlaps neither z3 nor dz3."""
+        eval ignores sums. dx3 is dz3 itself or a buffer that overlaps neither z3 nor dz3.
+        With a residual, also dresidual3 <- dy (a buffer that overlaps nothing else)."""
