@@ -1,8 +1,8 @@
 """Correctness runner: `python -m iabn.check [--backend B] [--quick] [--json PATH]`.
 
-Runs the kernel matrix (stage x dtype x layout x activation x mode, awkward shapes included)
-on one backend against the float64 reference and prints, per case, the worst stage's errors
-and tolerance. Exit status 0 only when every case passes.
+Runs the kernel matrix (stage x dtype x layout x activation x mode, awkward shapes included;
+plain and residual forms) on one backend against the float64 reference and prints, per case,
+the worst stage's errors and tolerance. Exit status 0 only when every case passes.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     print("iabn correctness check")
     for k, v in env.items():
         print(f"  {k:<18} {v}")
-    cases = verify.matrix(quick=args.quick)
+    cases = verify.matrix(quick=args.quick) + verify.residual_matrix(quick=args.quick)
     rows, t0 = [], time.time()
     for i, case in enumerate(cases):
         _progress(i, len(cases), case.name, sys.stderr)

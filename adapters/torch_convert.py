@@ -143,10 +143,10 @@ def _is_add_of(node: fx.Node, x: fx.Node) -> Optional[fx.Node]:
     if not is_add or len(node.args) != 2 or node.kwargs:
         return None
     a, b = node.args
-    if a is x and isinstance(b, fx.Node) and b is not x:
-        return b
-    if b is x and isinstance(a, fx.Node) and a is not x:
-        return a
+    other = b if a is x else a if b is x else None
+    # a parameter/buffer operand (get_attr) is a broadcast bias, not a residual like x
+    if isinstance(other, fx.Node) and other is not x and other.op != "get_attr":
+        return other
     return None
 
 
@@ -291,6 +291,9 @@ def _module_only(plan: _Plan, st: _State) -> bool:
     original code would then modify the saved output in place, so a converted output with an
     arithmetic-operator user keeps the regenerated (out-of-place) code of a GraphModule."""
     if plan.add is not None:
+        return False
+    x = plan.bn.args[0]  # `h += y; bn(h)` is traced as a fresh add, but h's storage is reused
+    if x.op == "call_function" and x.target in _OPERATORS:
         return False
     out = plan.act_node or plan.bn
     if any(u.op == "call_function" and u.target in _OPERATORS and u.args[0] is out

@@ -314,3 +314,27 @@ def test_sync_after_fx_conversion():
     assert n_iabn(conv) == 20
     assert all(type(m) is it.InPlaceABNSync for m in conv.modules()
                if isinstance(m, it.IN_PLACE_MODULES))
+
+
+def test_in_place_add_before_a_bn_runs_the_regenerated_code():
+    """`h += y; bn(h)`: fx sees a fresh add, but the original code reuses h's storage (here the
+    model's input). The converted model runs the out-of-place regenerated code instead, so the
+    caller's tensor is not overwritten."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b, self.a = nn.BatchNorm2d(3), nn.LeakyReLU(SLOPE)
+
+        def forward(self, x, y):
+            h = x
+            h += y
+            return self.a(self.b(h))
+
+    orig = randomize(Net()).double().eval()
+    conv = quiet_convert(copy.deepcopy(orig))
+    assert isinstance(conv, torch.fx.GraphModule) and isinstance(conv.b, it.InPlaceABN)
+    x, y = (torch.randn(2, 3, 4, 4, dtype=torch.float64) for _ in range(2))
+    x_before = x.clone()
+    want = orig(x.clone(), y)
+    torch.testing.assert_close(conv(x, y), want)
+    assert torch.equal(x, x_before)
