@@ -315,6 +315,8 @@ def _swap(root: nn.Module, plan: _Plan, st: _State) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", IABNConversionWarning)  # representability checked above
         new = from_batchnorm(bn, plan.act.name, plan.act.param)
+    if _norm_act_parts(bn)[0] is not None:  # to_batchnorm rebuilds a plain torch BN class
+        new._bn_class = next(c for c in type(bn).__mro__ if c.__module__.startswith("torch.nn"))
     _set_module(root, plan.bn.target, new)
 
 

@@ -338,3 +338,13 @@ def test_in_place_add_before_a_bn_runs_the_regenerated_code():
     want = orig(x.clone(), y)
     torch.testing.assert_close(conv(x, y), want)
     assert torch.equal(x, x_before)
+
+
+def test_norm_act_back_to_batchnorm():
+    leaky_layer = lambda inplace=False: nn.LeakyReLU(SLOPE, inplace)  # noqa: E731
+    orig = randomize(timm_net(leaky_layer)).double().eval()
+    conv = quiet_convert(copy.deepcopy(orig))
+    seq = it.to_batchnorm(conv.get_submodule("1"))
+    assert type(seq[0]) is nn.BatchNorm2d and type(seq[1]) is nn.LeakyReLU
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(seq(x), orig[1](x))

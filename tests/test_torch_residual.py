@@ -12,7 +12,6 @@ import iabn.torch as it
 from iabn.torch import IABNError
 
 HAVE_GPU = torch.cuda.is_available()
-on_gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_GPU, reason="needs a CUDA GPU")]
 MF = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
@@ -180,16 +179,11 @@ def test_autocast_cpu_residual(dtype):
 
 
 @pytest.mark.parametrize("mf", list(MF), ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("_", [0], ids=["gpu"])
-def test_gpu_residual_matches_abn(_, training, dtype, mf, request):
-    if not HAVE_GPU:
-        pytest.skip("needs a CUDA GPU")
-    a, m = _pair("leaky_relu", 0.01, c=16, dtype=torch.float32, device="cuda")
-    if dtype == torch.float16:  # AMP-style: 16-bit activations, float32 parameters
-        pytest.skip("float16 compared in test_torch_integration's AMP tests")
-    _compare(a, m, (4, 16, 9, 7), MF[mf], training, dtype, "cuda", tol=1e-4)
-
-
-test_gpu_residual_matches_abn = pytest.mark.gpu(test_gpu_residual_matches_abn)
+@pytest.mark.parametrize("act,param", [("leaky_relu", 0.01), ("elu", 1.0)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_GPU, reason="needs a CUDA GPU")
+def test_gpu_residual_matches_abn(act, param, training, mf):
+    """The CUDA kernels with a residual, through the custom ops (float32 on the GPU)."""
+    a, m = _pair(act, param, c=16, dtype=torch.float32, device="cuda")
+    _compare(a, m, (4, 16, 9, 7), MF[mf], training, torch.float32, "cuda", tol=1e-4)
