@@ -99,6 +99,17 @@ def traffic_rows(settings: Settings) -> list[dict]:
             with m.stage("forward (eval)"):
                 ops.forward(x, w, b, rm, rv, training=False, eps=EPS, activation=ACTIVATION,
                             activation_param=SLOPE, backend="emulator")
+            # the residual form z = act(BN(x) + r): r is read once more in forward and once in
+            # each backward pass, and dr is written by the elementwise pass
+            x, dz, w, b, rm, rv = _inputs(shape, pair, layout, seed=2)
+            r = _inputs(shape, pair, layout, seed=3)[0]
+            with m.stage("forward (train, residual)"):
+                holder["ctx"] = ops.forward(x, w, b, rm, rv, training=True, momentum=MOMENTUM,
+                                            eps=EPS, activation=ACTIVATION,
+                                            activation_param=SLOPE, backend="emulator",
+                                            residual=r)
+            with m.stage("backward (train, residual)"):
+                ops.backward(holder["ctx"], x, dz, residual=r)
             itemsize = np.dtype(numpy_dtype(pair.x)).itemsize
             numel = x.size
             for name, ld, st, launches in m.rows:

@@ -58,7 +58,9 @@ def test_bytes_per_element_are_the_kernels_minimum(results):
     1 + 1, for every dtype pair and layout, plus only O(C) per-channel bytes."""
     rows = _csv(results / "traffic.csv")
     want = {"forward (train)": (2, 1, 3), "backward (train)": (4, 1, 3),
-            "forward (eval)": (1, 1, 2)}
+            "forward (eval)": (1, 1, 2),
+            # residual form: + 1 read of r forward; + 2 reads of r and 1 write of dr backward
+            "forward (train, residual)": (3, 1, 3), "backward (train, residual)": (6, 2, 3)}
     seen = set()
     for r in rows:
         if r["stage"] not in want:
