@@ -244,7 +244,7 @@ def test_emulator_traps_a_misaligned_vector_access():
     stats = np.ones((4, 1), np.float32)
     with pytest.raises(EmulatorError, match=r"__trap\(\) called at kernels/common.cuh"):
         kernel((1, 1, 1), (8, 32, 1), (x, stats, None, None, np.float32(1e-5), np.float32(0),
-                                      np.int64(1), np.int64(1), np.int64(32), np.int64(8)))
+                                      np.int64(1), np.int64(1), np.int64(32), np.int64(8), None))
 
 
 # ------------------------------------------------------------------------------------------
