@@ -300,7 +300,7 @@ def _module_only(plan: _Plan, st: _State) -> bool:
            for u in out.users):
         return False
     if plan.act_node is None:
-        return plan.act.name != "identity" or _norm_act_parts(st.modules[plan.bn.target])[0] is not None
+        return True  # a norm+act module, or a residual's BN: the module swap is all
     return plan.act_node.op == "call_module" and st.calls[plan.act_node.target] == 1
 
 

@@ -1,8 +1,9 @@
 """Memory: bytes autograd saves for backward (any device) and GPU peak memory per training step.
 
 All compare the same network built with standard BN + in-place LeakyReLU, with InPlaceABN, and
-with InPlaceABN plus the fused residual (convert_model of the standard net; benchmarks.nets). Saved bytes are exact and deterministic, so they run on the CPU and in CI;
-peak allocated memory needs torch's CUDA caching allocator and runs only on a GPU.
+with InPlaceABN plus the fused residual (convert_model of the standard net; benchmarks.nets).
+Saved bytes are exact and deterministic, so they run on the CPU and in CI; peak allocated
+memory needs torch's CUDA caching allocator and runs only on a GPU.
 """
 from __future__ import annotations
 

@@ -90,9 +90,10 @@ class ResNet(nn.Module):
         self.relu = act()
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.layer1 = self._make_layer(block, width, layers[0])
-        self.layer2 = self._make_layer(block, width * 2, layers[1], 2, replace_stride_with_dilation[0])
-        self.layer3 = self._make_layer(block, width * 4, layers[2], 2, replace_stride_with_dilation[1])
-        self.layer4 = self._make_layer(block, width * 8, layers[3], 2, replace_stride_with_dilation[2])
+        dil = replace_stride_with_dilation
+        self.layer2 = self._make_layer(block, width * 2, layers[1], 2, dil[0])
+        self.layer3 = self._make_layer(block, width * 4, layers[2], 2, dil[1])
+        self.layer4 = self._make_layer(block, width * 8, layers[3], 2, dil[2])
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
 
