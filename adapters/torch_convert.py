@@ -91,11 +91,13 @@ def _act_of_node(node: fx.Node, modules: dict) -> Optional[_Act]:
         if t in (F.relu, torch.relu, torch.relu_):
             return _Act("relu", 0.0, "relu")
         if t in (F.leaky_relu, F.leaky_relu_):
-            slope = float(_arg(node, 1, "negative_slope", 0.01))
-            return _Act("leaky_relu" if slope > 0 else "other", slope, "leaky_relu")
+            slope = _arg(node, 1, "negative_slope", 0.01)
+            ok = isinstance(slope, (int, float)) and slope > 0  # not a traced value
+            return _Act("leaky_relu" if ok else "other", float(slope) if ok else 0.0, "leaky_relu")
         if t in (F.elu, F.elu_):
-            alpha = float(_arg(node, 1, "alpha", 1.0))
-            return _Act("elu" if alpha > 0 else "other", alpha, "elu")
+            alpha = _arg(node, 1, "alpha", 1.0)
+            ok = isinstance(alpha, (int, float)) and alpha > 0
+            return _Act("elu" if ok else "other", float(alpha) if ok else 0.0, "elu")
     if node.op == "call_method" and node.target in ("relu", "relu_"):
         return _Act("relu", 0.0, node.target)
     return None
