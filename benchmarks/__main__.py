@@ -1,18 +1,21 @@
-"""python -m benchmarks [--cpu-only] [--tiny] [--out DIR] [--parts ...]
+"""python -m benchmarks [--cpu-only] [--tiny] [--out DIR] [--parts ...] [--time-budget S]
 
 Runs every part it can on this machine and writes CSV, PNG and summary.md into
-benchmarks/results/<device>/ (or --out). GPU parts run only when torch sees a CUDA device and
---cpu-only is not given; otherwise the summary says they did not run, and why.
+benchmarks/results/<device>/ (or --out), rewritten after every part. GPU parts run only when
+torch sees a CUDA device and --cpu-only is not given; otherwise the summary says they did not
+run, and why. The torch.compile baselines of `speed` and `step` run after all other parts.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -21,8 +24,13 @@ import torch
 from . import report
 from .cases import Settings, device_slug
 
-PARTS = ("counts", "compile", "saved", "speed", "memory")
-GPU_PARTS = ("speed", "memory")
+PARTS = ("counts", "compile", "saved", "speed", "memory", "step")
+GPU_PARTS = ("speed", "memory", "step")
+# --time-budget: each part's share of the time still left when it starts (the torch.compile
+# passes run last), and the least time worth starting it with.
+TIME_SHARE = {"speed": 3, "memory": 3, "step": 3, "compile": 1, "speed (torch.compile)": 2,
+              "step (torch.compile)": 3}
+TIME_FLOOR_S = {"speed": 15, "memory": 15, "step": 15, "compile": 45}
 # iabn.torch's backward copies the incoming gradient into a fresh buffer in z's layout before
 # the kernels overwrite it with dx (adapters/torch_ops.py): one more read and write per element.
 ADAPTER_GRAD_COPY_PASSES = 2
@@ -39,6 +47,9 @@ def parse(argv):
                    help="leave the torch.compile baseline out of the speed part")
     p.add_argument("--memory-budget-gib", type=float, default=16.0,
                    help="budget for the largest-batch search (default 16)")
+    p.add_argument("--time-budget", type=float, metavar="S",
+                   help="seconds for all parts: each gets a share and leaves out what would "
+                        "not fit (fewer shapes, networks, compiled cases), saying so")
     args = p.parse_args(argv)
     args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     unknown = set(args.parts) - set(PARTS)
@@ -85,11 +96,32 @@ def passes_from_traffic(rows: list[dict]) -> dict:
 
 
 class Run:
-    """Runs parts, keeps their rows and statuses; one failing part never hides the others."""
+    """Runs parts, keeps their rows and statuses; one failing part never hides the others.
+    With a time budget, `settings_for(part)` gives each part its deadline."""
 
-    def __init__(self):
+    def __init__(self, settings: Settings | None = None, budget: float | None = None,
+                 parts=()):
         self.status: dict[str, str] = {}
         self.data: dict[str, object] = {}
+        self.settings = settings
+        self.end = None if budget is None else time.monotonic() + budget
+        self.pending = [p for p in parts if p in TIME_SHARE]
+
+    def settings_for(self, part: str) -> Settings | None:
+        """Settings whose deadline is `part`'s share of the time left, or None (with the
+        status set) when even its floor does not fit."""
+        if part in self.pending:
+            self.pending.remove(part)
+        if self.end is None:
+            return self.settings
+        left = self.end - time.monotonic()
+        share = TIME_SHARE.get(part, 1)
+        allot = left * share / (share + sum(TIME_SHARE[p] for p in self.pending))
+        if allot < TIME_FLOOR_S.get(part, 0):
+            self.skip(part, f"time budget ({allot:.0f} s of {left:.0f} s left for it; it "
+                      f"needs at least {TIME_FLOOR_S[part]} s)")
+            return None
+        return dataclasses.replace(self.settings, deadline=time.monotonic() + allot)
 
     def attempt(self, part, fn):
         print(f"[benchmarks] {part} ...", file=sys.stderr, flush=True)
@@ -112,14 +144,22 @@ def main(argv=None) -> int:
     device_dir = device_slug(torch.cuda.get_device_name()) if gpu else "cpu"
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / device_dir
     out.mkdir(parents=True, exist_ok=True)
-    run = Run()
+    budgeted = [p for p in args.parts if not (p in GPU_PARTS and not gpu)]
+    if gpu and settings.compile:
+        budgeted += [f"{p} (torch.compile)" for p in ("speed", "step") if p in args.parts]
+    run = Run(settings, args.time_budget, budgeted)
+    env = environment(gpu)
     from . import counts, memory
 
     for part in args.parts:
         if part in GPU_PARTS and not gpu:
             run.skip(part, "--cpu-only" if args.cpu_only else
                      "no CUDA GPU visible to torch (torch.cuda.is_available() is False)")
-        elif part == "counts":
+            continue
+        settings = run.settings_for(part)
+        if settings is None:
+            continue
+        if part == "counts":
             run.attempt(part, lambda: (counts.traffic_rows(settings),
                                        counts.launch_rows(settings)))
         elif part == "compile":
@@ -143,9 +183,47 @@ def main(argv=None) -> int:
         elif part == "memory":
             run.attempt(part, lambda: (memory.peak_memory_rows(settings),
                                        memory.max_batch_rows(settings)))
-    write_outputs(out, run, settings, environment(gpu), gpu, argv)
+        elif part == "step":
+            from . import step
+
+            run.attempt(part, lambda: step.step_rows(
+                settings, "cuda", progress=lambda s: print(s, file=sys.stderr)))
+        write_outputs(out, run, run.settings, env, gpu, argv)  # progress survives a kill
+    compiled_passes(run, gpu)
+    write_outputs(out, run, run.settings, env, gpu, argv)
     print(f"[benchmarks] results in {out}", file=sys.stderr)
     return 1 if any(s.startswith("failed") for s in run.status.values()) else 0
+
+
+def compiled_passes(run: Run, gpu: bool) -> None:
+    """The torch.compile baselines, after every other part: compiling is the slowest work."""
+    if not (gpu and run.settings.compile):
+        return
+    from . import speed, step
+
+    def log(s):
+        print(s, file=sys.stderr)
+
+    def speed_pass(settings):
+        rows = run.data["speed"][0]
+        done = speed.add_compiled(rows, settings, "cuda", progress=log)
+        return f"{done} of {len({r['label'] for r in rows})} shapes"
+
+    def step_pass(settings):
+        rows = step.step_rows(settings, "cuda", compiled=True, progress=log)
+        run.data["step"].extend(rows)
+        return f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)} runs"
+
+    for part, fn in (("speed", speed_pass), ("step", step_pass)):
+        name = f"{part} (torch.compile)"
+        if part not in run.data:  # nothing to add a baseline to; its share goes to the rest
+            run.pending = [p for p in run.pending if p != name]
+            continue
+        settings = run.settings_for(name)
+        if settings is not None:
+            run.attempt(name, lambda: fn(settings))
+            if run.status[name] == "ran":
+                run.status[name] = f"ran: {run.data[name]}"
 
 
 def _why(run: Run, part: str) -> str:
@@ -202,6 +280,21 @@ def write_outputs(out: Path, run: Run, settings: Settings, env: dict, gpu: bool,
     else:
         md += ["## Peak memory (GPU)", "",
                _why(run, "memory"), ""]
+
+    if "step" in run.data:
+        from . import step
+
+        report.write_csv(out / "step.csv", run.data["step"])
+        step.plot(run.data["step"], out / "step.png", env["device"])
+        md += ["## Whole training step, batch 32 (GPU, CUDA events)", "",
+               "Median ms per step (forward, loss, backward, SGD update) and peak allocated "
+               "memory of one step; float16-cl = autocast float16 with channels_last. "
+               "Standard = BatchNorm2d + in-place LeakyReLU. Max loss diff: spread of the "
+               "kinds' first-step losses relative to standard (same conv weights).", "",
+               "![step](step.png)", ""]
+        md += step.section(run.data["step"])
+    else:
+        md += ["## Whole training step (GPU)", "", _why(run, "step"), ""]
 
     if "saved" in run.data:
         rows = run.data["saved"]

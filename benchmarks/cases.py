@@ -5,6 +5,8 @@ part at once and a number in one table is always comparable with the same label 
 """
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 
 # Activation and hyper-parameters shared by iabn and every baseline (the official package's
@@ -72,6 +74,12 @@ class Settings:
     compile: bool = True  # include the torch.compile baseline (slow to compile per shape)
     memory_budget_gib: float = 16.0
     seed: int = 0
+    # time.monotonic() by which a budgeted part stops starting new measurements (--time-budget;
+    # None = no limit). Parts then report what they left out rather than being killed.
+    deadline: float | None = None
+
+    def time_left(self) -> float:
+        return math.inf if self.deadline is None else self.deadline - time.monotonic()
 
     # -- speed (GPU) ---------------------------------------------------------------------------
     def speed_cases(self) -> list[BNCase]:
@@ -110,6 +118,22 @@ class Settings:
         return [NetSetup("resnet50", 224, 64, (16, 32, 64, 128)),
                 NetSetup("deeplab_head", 64, 2048, (2, 4, 8, 16), 19),
                 NetSetup("deeplabv3_resnet50", 512, 64, (2, 4, 8, 16), 21)]
+
+    # -- whole-network training step (GPU) ----------------------------------------------------
+    def step_setups(self) -> list[NetSetup]:
+        """ResNet-50 on 224x224 images and the DeepLab head on 2048x64x64 features (512x512
+        crops at output stride 8), both at batch 32."""
+        if self.tiny:
+            return [NetSetup("resnet50", 32, 8, (2,), 10), NetSetup("deeplab_head", 4, 32, (2,), 5)]
+        return [NetSetup("resnet50", 224, 64, (32,)), NetSetup("deeplab_head", 64, 2048, (32,), 19)]
+
+    # "float16-cl": autocast float16 with channels_last tensors (mixed-precision training);
+    # "float32": float32 in NCHW. The first is measured first: it is how such nets train.
+    step_precisions: tuple = ("float16-cl", "float32")
+
+    def step_timing(self) -> tuple[int, int]:
+        """(warm-up steps, timed steps) per network, precision and kind."""
+        return (0, 1) if self.tiny else (3, 10)
 
     # -- machine-independent counts ------------------------------------------------------------
     def traffic_shape(self) -> tuple:

@@ -8,6 +8,7 @@ memory needs torch's CUDA caching allocator and runs only on a GPU.
 from __future__ import annotations
 
 import gc
+import time
 
 import torch
 
@@ -112,14 +113,35 @@ def _measure(setup: NetSetup, kind: str, n: int, device):
         torch.cuda.empty_cache()
 
 
+class _Clock:
+    """Longest measurement so far: under a deadline, one that might not finish is not begun."""
+
+    def __init__(self, settings: Settings):
+        self.settings, self.cost = settings, 0.0
+
+    def allows(self, factor: float = 1.0) -> bool:
+        return self.settings.time_left() >= factor * self.cost
+
+    def timed(self, fn):
+        t0 = time.monotonic()
+        try:
+            return fn()
+        finally:
+            self.cost = max(self.cost, time.monotonic() - t0)
+
+
 def peak_memory_rows(settings: Settings, device="cuda") -> list[dict]:
-    rows = []
+    rows, clock = [], _Clock(settings)
     for setup in settings.net_setups("cuda"):
         for n in setup.batches:
             for kind in KINDS:
-                got = _measure(setup, kind, n, device)
-                rows.append(dict(net=setup.net, input=_input_label(setup), batch=n, kind=kind,
-                                 peak_bytes=None if got is None else got[0],
+                row = dict(net=setup.net, input=_input_label(setup), batch=n, kind=kind)
+                if not clock.allows():
+                    rows.append(dict(row, peak_bytes=None, steady_bytes=None, oom=None,
+                                     note="not run: time budget"))
+                    continue
+                got = clock.timed(lambda: _measure(setup, kind, n, device))
+                rows.append(dict(row, peak_bytes=None if got is None else got[0],
                                  steady_bytes=None if got is None else got[1],
                                  oom=got is None))
     return rows
@@ -130,11 +152,17 @@ def max_batch_rows(settings: Settings, device="cuda") -> list[dict]:
     then bisection, each point a real measured step (an OOM counts as not fitting)."""
     budget = int(settings.memory_budget_gib * 2 ** 30)
     cap = 64 if settings.tiny else 4096
-    rows = []
+    rows, clock = [], _Clock(settings)
     for setup in settings.net_setups("cuda"):
         for kind in KINDS:
+            if not clock.allows(factor=12):  # a search takes about a dozen measurements
+                rows.append(dict(net=setup.net, input=_input_label(setup), kind=kind,
+                                 budget_gib=settings.memory_budget_gib, max_batch=None,
+                                 capped=False, note="not run: time budget"))
+                continue
+
             def fits(n):
-                got = _measure(setup, kind, n, device)
+                got = clock.timed(lambda: _measure(setup, kind, n, device))
                 return got is not None and got[0] <= budget
 
             lo, hi = 0, 1

@@ -211,6 +211,7 @@ def peak_section(rows: list[dict], max_rows: list[dict]) -> list[str]:
     if max_rows:
         lines += _table(["net", "input", "kind", "budget GiB", "largest batch"],
                         [[r["net"], r["input"], r["kind"], r["budget_gib"],
+                          r.get("note") or
                           f"{r['max_batch']}{' (search cap)' if r['capped'] else ''}"]
                          for r in max_rows])
     return lines

@@ -44,15 +44,19 @@ def checkpointed_bn_act(x, w, b, rm, rv):
     return checkpoint(eager_bn_act, x, w, b, rm, rv, use_reentrant=False)
 
 
+def allow_recompiles() -> None:
+    """Every shape (or model instance) is a new static graph; the default recompile limit (8)
+    would silently fall back to eager after the eighth and a "compiled" figure would lie."""
+    cfg = torch._dynamo.config
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, 4096)
+
+
 def implementations(with_compile: bool) -> dict:
     impls = {"iabn": iabn_bn_act, "eager": eager_bn_act, "checkpoint": checkpointed_bn_act}
     if with_compile:
-        cfg = torch._dynamo.config
-        # Every shape is a new static graph; the default limit (8) would silently fall back
-        # to eager after the eighth shape and the "compiled" column would lie.
-        for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit"):
-            if hasattr(cfg, name):
-                setattr(cfg, name, 4096)
+        allow_recompiles()
         impls["compiled"] = torch.compile(eager_bn_act, dynamic=False)
     return impls
 
@@ -171,8 +175,7 @@ def case_rows(case: BNCase, impls: dict, device, timer, settings: Settings, pass
     """One row per mode: check results, median ms per implementation, ratios and iabn's
     achieved bandwidth. `passes[mode]` = whole-tensor reads + writes iabn makes in that mode."""
     warmup, iters = settings.timing()
-    base = dict(label=case.label, family=case.family, n=case.n, c=case.c, h=case.h, w=case.w,
-                dtype=case.dtype, layout=case.layout)
+    base = _base(case)
     try:
         inp = bn_inputs(case, device, settings.seed)
         errs = check(impls, case, inp)
@@ -210,20 +213,92 @@ def case_rows(case: BNCase, impls: dict, device, timer, settings: Settings, pass
     return rows
 
 
+def prioritized(cases: list[BNCase]) -> list[BNCase]:
+    """Round robin over the case groups (family, batch, dtype, layout), so that the first k
+    cases a time budget allows cover every group rather than the first group only."""
+    groups: dict = {}
+    for case in cases:
+        groups.setdefault((case.family, case.n, case.dtype, case.layout), []).append(case)
+    out, queues = [], list(groups.values())
+    while any(queues):
+        out += [q.pop(0) for q in queues if q]
+    return out
+
+
 def speed_rows(settings: Settings, device, passes: dict, timer=None, cases=None,
                progress=print) -> tuple[list[dict], float]:
-    """All speed rows and the copy bandwidth (GB/s) they are judged against."""
+    """All speed rows and the copy bandwidth (GB/s) they are judged against, without the
+    torch.compile baseline (add_compiled adds it afterwards: compiling is the slow part).
+
+    Under a deadline (settings.time_left) cases run in prioritized order and a case that
+    would not finish in time is reported as not run; rows come back in the cases' order."""
     timer = timer or CudaTimer(device)
-    impls = implementations(settings.compile)
+    impls = implementations(False)
     copy_gbps = copy_bandwidth(device, timer, nbytes=(1 << 28) if settings.tiny else (1 << 30))
-    rows = []
     cases = settings.speed_cases() if cases is None else cases
-    for i, case in enumerate(cases):
+    by_case, cost = {}, 0.0
+    for i, case in enumerate(prioritized(cases)):
+        if settings.time_left() < cost:
+            by_case[case] = [dict(_base(case), mode=m, status="not run: time budget")
+                             for m in MODES]
+            continue
         progress(f"  speed {i + 1}/{len(cases)} {case.label}")
-        rows += case_rows(case, impls, device, timer, settings, passes, copy_gbps)
+        t0 = time.monotonic()
+        by_case[case] = case_rows(case, impls, device, timer, settings, passes, copy_gbps)
+        cost = max(cost, time.monotonic() - t0)
         if device != "cpu":
             torch.cuda.empty_cache()
-    return rows, copy_gbps
+    return [r for case in cases for r in by_case[case]], copy_gbps
+
+
+COMPILE_GUESS_S = 20.0  # first torch.compile of one shape (3 modes), before any is measured
+
+
+def add_compiled(rows: list[dict], settings: Settings, device, timer=None,
+                 progress=print) -> int:
+    """Adds the torch.compile baseline to rows measured by speed_rows, case by case in
+    prioritized order until the deadline; returns how many cases got it. A case left out
+    says so in compiled_error."""
+    timer = timer or CudaTimer(device)
+    fn = implementations(True)["compiled"]
+    warmup, iters = settings.timing()
+    cases = list(dict.fromkeys(_case(r) for r in rows if r.get("status") == "ok"))
+    done, cost = 0, COMPILE_GUESS_S
+    for case in prioritized(cases):
+        mine = [r for r in rows if r["label"] == case.label and r.get("status") == "ok"]
+        if settings.time_left() < cost:
+            for r in mine:
+                r["compiled_error"] = "not run: time budget"
+            continue
+        progress(f"  speed (torch.compile) {done + 1}/{len(cases)} {case.label}")
+        t0 = time.monotonic()
+        inp = bn_inputs(case, device, settings.seed)
+        err = check({"compiled": fn}, case, inp)["compiled"]
+        for r in mine:
+            r["compiled_check_err"] = err
+            r["compiled_ms"] = None
+            if passed(err, case.dtype):
+                try:
+                    r["compiled_ms"] = timer(*closures(fn, inp, r["mode"]), warmup, iters)
+                except Exception as exc:  # that cell only
+                    r["compiled_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            t, tb = r.get("iabn_ms"), r["compiled_ms"]
+            r["speedup_vs_compiled"] = tb / t if (t and tb) else None
+        done += 1
+        cost = time.monotonic() - t0 if done == 1 else max(cost, time.monotonic() - t0)
+        if device != "cpu":
+            torch.cuda.empty_cache()
+    return done
+
+
+def _base(case: BNCase) -> dict:
+    return dict(label=case.label, family=case.family, n=case.n, c=case.c, h=case.h, w=case.w,
+                dtype=case.dtype, layout=case.layout)
+
+
+def _case(row: dict) -> BNCase:
+    return BNCase(row["family"], row["n"], row["c"], row["h"], row["w"], row["dtype"],
+                  row["layout"])
 
 
 def geomean(values) -> float | None:

@@ -1,0 +1,206 @@
+"""Whole-network training step: standard BN + LeakyReLU vs InPlaceABN, eager and compiled.
+
+One step = zero_grad, forward, cross-entropy loss, backward, SGD-with-momentum update, on
+ResNet-50 (224x224 images) and the DeepLab head (2048x64x64 features), batch 32, in two
+precisions: "float16-cl" (autocast float16, channels_last model and input; no loss scaling,
+which would only add the same few kernels to every kind) and "float32" (NCHW). Per network,
+precision and kind it reports the median step time (CUDA events), images per second, the
+peak allocated memory of one step and the first step's loss (the kinds start from the same
+convolution weights, so their losses agree to rounding: a cheap check that the InPlaceABN
+net computes the same function).
+
+Kinds: "standard" and "iabn" (benchmarks.nets), and "iabn_fused" when iabn.torch's
+convert_model accepts fuse_residual=True (the standard net converted with the residual add
+fused into the layer before it); detected at run time, so this file needs no change when
+that lands. Eager steps run first for every network and precision; torch.compile runs in a
+second pass (compiled=True), so a time budget spends itself on eager figures first.
+"""
+from __future__ import annotations
+
+import gc
+import inspect
+import math
+import time
+
+import torch
+
+from . import nets, report
+from .cases import NetSetup, Settings
+
+PRECISIONS = {"float16-cl": (torch.float16, torch.channels_last),
+              "float32": (None, torch.contiguous_format)}
+# Cost of one kind before any is measured (build + first step + timing), by mode.
+GUESS_S = {False: 10.0, True: 90.0}
+
+
+def fused_residual_available() -> bool:
+    try:
+        from iabn.torch import convert_model
+    except ImportError:
+        return False
+    return "fuse_residual" in inspect.signature(convert_model).parameters
+
+
+def kinds() -> list[str]:
+    return ["standard", "iabn"] + (["iabn_fused"] if fused_residual_available() else [])
+
+
+def build(setup: NetSetup, kind: str, device) -> torch.nn.Module:
+    if kind == "iabn_fused":
+        from iabn.torch import convert_model
+
+        return convert_model(nets.build(setup, "standard", device), fuse_residual=True)
+    return nets.build(setup, kind, device)
+
+
+def _count_iabn(model) -> int:
+    from iabn.torch import InPlaceABN
+
+    return sum(isinstance(m, InPlaceABN) for m in model.modules())
+
+
+def measure(setup: NetSetup, precision: str, kind: str, compiled: bool, device, timer,
+            settings: Settings) -> dict:
+    """One row: median step ms over settings.step_timing() steps, peak memory of one more."""
+    amp_dtype, fmt = PRECISIONS[precision]
+    n = setup.batches[0]
+    model = build(setup, kind, device).to(memory_format=fmt)
+    x, y = nets.batch(setup, n, device)
+    x = x.contiguous(memory_format=fmt)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    fwd = torch.compile(model) if compiled else model
+    dev_type = torch.device(device).type
+
+    def step(_=None):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev_type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            loss = nets.loss_of(fwd, x, y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    t0 = time.perf_counter()
+    first_loss = step().detach().item()  # compiles when compiled; waits for the GPU
+    first_s = time.perf_counter() - t0
+    warmup, iters = settings.step_timing()
+    ms = timer(lambda: None, step, warmup, iters)
+    peak = None
+    if dev_type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    return dict(iabn_layers=_count_iabn(model), step_ms=ms, images_per_s=n / (ms * 1e-3),
+                peak_bytes=peak, first_step_s=first_s, first_loss=first_loss)
+
+
+def step_rows(settings: Settings, device, timer=None, compiled: bool = False,
+              progress=print) -> list[dict]:
+    """Rows for every network x precision x kind, in one mode (eager or compiled). Under a
+    deadline, a network/precision group that would not finish is reported as not run."""
+    from .speed import CudaTimer, allow_recompiles
+
+    timer = timer or CudaTimer(device)
+    if compiled:
+        allow_recompiles()
+    rows, per_kind = [], GUESS_S[compiled] if settings.deadline is not None else 0.0
+    for precision in settings.step_precisions:
+        for setup in settings.step_setups():
+            for kind in kinds():
+                row = dict(net=setup.net, input=nets_input(setup), batch=setup.batches[0],
+                           precision=precision, mode="compiled" if compiled else "eager",
+                           kind=kind)
+                if settings.time_left() < per_kind:
+                    rows.append(dict(row, status="not run: time budget"))
+                    continue
+                progress(f"  step {row['mode']} {setup.net} {precision} {kind}")
+                t0 = time.monotonic()
+                try:
+                    rows.append(dict(row, status="ok", **measure(
+                        setup, precision, kind, compiled, device, timer, settings)))
+                except torch.cuda.OutOfMemoryError:
+                    rows.append(dict(row, status="out of memory"))
+                except Exception as exc:  # that kind only; the others still run
+                    rows.append(dict(row, status=f"failed: {type(exc).__name__}: {exc}"
+                                     .splitlines()[0][:200]))
+                finally:
+                    gc.collect()
+                    if torch.device(device).type == "cuda":
+                        torch.cuda.empty_cache()
+                per_kind = max(per_kind, time.monotonic() - t0)
+    return rows
+
+
+def nets_input(setup: NetSetup) -> str:
+    from .memory import _input_label
+
+    return _input_label(setup)
+
+
+# ------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------
+def _groups(rows):
+    out: dict = {}
+    for r in rows:
+        out.setdefault((r["net"], r["precision"], r["mode"]), {})[r["kind"]] = r
+    return out
+
+
+def section(rows: list[dict]) -> list[str]:
+    """Markdown: per network, precision and mode, each kind's step time and peak memory."""
+    ks = list(dict.fromkeys(r["kind"] for r in rows))
+    header = ["net", "precision", "mode"] + [f"{k} ms" for k in ks] + [
+        f"{k} / standard time" for k in ks[1:]] + [f"{k} peak GiB" for k in ks] + [
+        f"{k} memory saving" for k in ks[1:]] + ["max loss diff"]
+    body = []
+    for (net, prec, mode), by in _groups(rows).items():
+        ok = {k: r for k, r in by.items() if r.get("status") == "ok"}
+        std = ok.get("standard", {})
+
+        def ratio(k, key):
+            a, b = ok.get(k, {}).get(key), std.get(key)
+            return a / b if (a and b) else None
+
+        losses = [r["first_loss"] for r in ok.values()]
+        diff = (max(losses) - min(losses)) / abs(std["first_loss"]) if (
+            len(losses) > 1 and std.get("first_loss")) else None
+        body.append([net, prec, mode]
+                    + [report._f(ok.get(k, {}).get("step_ms"), "{:.1f}") for k in ks]
+                    + [report._f(ratio(k, "step_ms")) for k in ks[1:]]
+                    + [report._f((ok.get(k, {}).get("peak_bytes") or math.nan) / report.GIB)
+                       for k in ks]
+                    + [report._f(None if ratio(k, "peak_bytes") is None else
+                                 1 - ratio(k, "peak_bytes"), "{:.1%}") for k in ks[1:]]
+                    + [report._f(diff, "{:.1e}")])
+    lines = report._table(header, body)
+    bad = [r for r in rows if r.get("status") != "ok"]
+    lines += [f"- {r['net']} {r['precision']} {r['mode']} {r['kind']}: {r['status']}"
+              for r in bad]
+    return lines + ([""] if bad else [])
+
+
+def plot(rows: list[dict], path, device: str) -> None:
+    """Step time and peak memory per network/precision/mode, one bar per kind."""
+    plt = report._plt()
+    groups = _groups(rows)
+    labels = [f"{n}\n{p}\n{m}" for n, p, m in groups]
+    ks = list(dict.fromkeys(r["kind"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(labels) + 3), 4.5))
+    width = 0.8 / len(ks)
+    for ax, key, scale, unit in ((axes[0], "step_ms", 1.0, "ms per training step"),
+                                 (axes[1], "peak_bytes", report.GIB, "peak allocated GiB")):
+        for i, k in enumerate(ks):
+            ys = [(g.get(k, {}).get(key) or math.nan) / scale for g in groups.values()]
+            ax.bar([j + i * width for j in range(len(labels))], ys, width, label=k)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_ylabel(unit)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Whole training step, batch 32 ({device})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
