@@ -1,11 +1,12 @@
 """The GPU suite's step runner: a time budget shared by steps, commands with hard timeouts,
 and the verdict table.
 
-Budget rule. Step i starts with
-    allotment = min(max_s of the step, time left - reserve - sum(min_s of the later steps))
-so an earlier step may use up to its own cap but never the least time a later step needs.
-A step whose allotment is below its own min_s is not started ("skipped", with the numbers):
-a step is never begun only to be killed half-way. A step that overruns its allotment anyway
+Budget rule. With `left` = time left - reserve (for the last packing), step i gets
+    allotment = min(max_s, max(left - sum(min_s of the later steps), min_s))
+so a step may use up to its own cap but not the least time the later steps need, unless
+that would leave it less than its own minimum: earlier steps matter more (the order is the
+priority). A step with less than its min_s left is not started ("skipped", with the
+numbers): a step is never begun only to be killed half-way. A step that overruns its allotment anyway
 (a hang) is killed with its whole process group and recorded "out of time". Each step runs
 whatever happened before it; results are handed to `on_record` after every step, so a kill
 of the whole suite still leaves the verdict so far.
@@ -136,11 +137,13 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 
 def allotment(steps: list[Step], i: int, left: float) -> float:
-    later = sum(s.min_s for s in steps[i + 1:])
-    allot = left - later
-    if steps[i].max_s is not None:
-        allot = min(allot, steps[i].max_s)
-    return allot
+    """Seconds step i may use when `left` remain (below its min_s: it is not started)."""
+    step = steps[i]
+    if left < step.min_s:
+        return left
+    kept = sum(s.min_s for s in steps[i + 1:])
+    allot = max(left - kept, step.min_s)  # earlier steps come first: at least their minimum
+    return allot if step.max_s is None else min(allot, step.max_s)
 
 
 class Suite:
@@ -160,10 +163,9 @@ class Suite:
             if interrupted:
                 outcome, secs = Outcome(SKIPPED, f"not started: {interrupted}", ran_as="-"), 0.0
             elif allot < step.min_s:
-                kept = sum(s.min_s for s in self.steps[i + 1:])
                 outcome = Outcome(SKIPPED, f"not started: needs at least {step.min_s:.0f} s, "
-                                  f"{max(allot, 0):.0f} s available ({left:.0f} s left, "
-                                  f"{kept:.0f} s kept for later steps)", ran_as="-")
+                                  f"{max(allot, 0):.0f} s left of the {self.budget:.0f} s "
+                                  "budget", ran_as="-")
                 secs = 0.0
             else:
                 self.log(f"[suite] step {i + 1} {step.name}: up to {allot:.0f} s")

@@ -39,16 +39,17 @@ def test_outputs_exist(results):
         assert (results / name).stat().st_size > 0, name
     assert (results / "saved_bytes_vs_batch.png").read_bytes()[:8] == PNG_MAGIC
     # GPU parts produce no files at all rather than placeholder numbers
-    for name in ("speed.csv", "speed_ratio.png", "peak_memory.csv", "memory_vs_batch.png"):
+    for name in ("speed.csv", "speed_ratio.png", "peak_memory.csv", "memory_vs_batch.png",
+                 "step.csv", "step.png"):
         assert not (results / name).exists(), name
 
 
 def test_summary_labels_what_did_not_run(results):
     md = (results / "summary.md").read_text()
     status = json.loads((results / "environment.json").read_text())["status"]
-    assert status["speed"] == status["memory"] == "not run: --cpu-only"
+    assert status["speed"] == status["memory"] == status["step"] == "not run: --cpu-only"
     assert all(status[p] == "ran" for p in ("counts", "compile", "saved"))
-    assert md.count("No figures: not run: --cpu-only.") == 2
+    assert md.count("No figures: not run: --cpu-only.") == 3
     assert "CPU only" in md and "measured on the CPU" in md
     assert "Warm (CuPy disk-cache hit + cubin load) is **not measured**" in md
 

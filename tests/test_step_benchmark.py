@@ -1,0 +1,162 @@
+"""The whole-network step part and the time budget of `python -m benchmarks`, exercised on the
+CPU: the step code path at tiny sizes (its timings are never reported), the fused-residual
+variant's feature detection, and budgeted parts leaving out work instead of overrunning."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("matplotlib")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_step_rows_on_cpu(tmp_path):
+    from benchmarks import cases, speed, step
+
+    settings = cases.Settings(tiny=True, compile=False)
+    rows = step.step_rows(settings, "cpu", timer=speed.WallTimer(), progress=lambda s: None)
+    kinds = step.kinds()
+    assert [(r["net"], r["precision"], r["kind"]) for r in rows] == [
+        (s.net, p, k) for p in settings.step_precisions for s in settings.step_setups()
+        for k in kinds]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["mode"] == "eager" and r["step_ms"] > 0 and r["peak_bytes"] is None
+        assert (r["iabn_layers"] > 0) == r["kind"].startswith("iabn")
+        assert torch.isfinite(torch.tensor(r["first_loss"]))
+    # Same conv weights, same function: the head's losses agree to rounding (the tiny ResNet
+    # has BN over 2 values per channel in its last stage, too ill-conditioned to compare).
+    head = {(r["precision"], r["kind"]): r["first_loss"] for r in rows
+            if r["net"] == "deeplab_head"}
+    for prec in settings.step_precisions:
+        assert abs(head[(prec, "iabn")] - head[(prec, "standard")]) <= 1e-3 * abs(
+            head[(prec, "standard")])
+    md = "\n".join(step.section(rows))
+    assert "| net | precision | mode | standard ms | iabn ms |" in md
+    assert md.count("| eager |") == 4
+    step.plot(rows, tmp_path / "step.png", "cpu-test")
+    assert (tmp_path / "step.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_fused_residual_variant_is_detected(monkeypatch):
+    """When convert_model grows fuse_residual, the third kind appears and is built by
+    converting the standard net with fuse_residual=True."""
+    import iabn.torch as it
+    from benchmarks import cases, step
+
+    calls = []
+
+    def convert_model(model, sync=False, group=None, fuse_residual=False):
+        calls.append(fuse_residual)
+        return model
+
+    assert step.kinds() == (["standard", "iabn", "iabn_fused"] if step.fused_residual_available()
+                            else ["standard", "iabn"])
+    monkeypatch.setattr(it, "convert_model", convert_model)
+    assert step.kinds() == ["standard", "iabn", "iabn_fused"]
+    setup = cases.Settings(tiny=True).step_setups()[1]
+    model = step.build(setup, "iabn_fused", "cpu")
+    assert calls == [True] and model.training
+
+
+def test_step_rows_leave_out_what_the_deadline_does_not_allow(monkeypatch):
+    from benchmarks import cases, step
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured after the deadline")
+
+    monkeypatch.setattr(step, "measure", never)
+    settings = cases.Settings(tiny=True, deadline=time.monotonic() - 1)
+    rows = step.step_rows(settings, "cpu", progress=lambda s: None)
+    assert rows and all(r["status"] == "not run: time budget" for r in rows)
+    assert "not run: time budget" in "\n".join(step.section(rows))
+
+
+def test_memory_parts_leave_out_what_the_deadline_does_not_allow(monkeypatch):
+    from benchmarks import cases, memory
+
+    calls = []
+    monkeypatch.setattr(memory, "_measure", lambda *a: calls.append(a) or (2 ** 30, 0))
+    late = cases.Settings(tiny=True, deadline=time.monotonic() - 1)
+    peak = memory.peak_memory_rows(late)
+    assert calls == [] and all(r["note"] == "not run: time budget" for r in peak)
+    rows = memory.max_batch_rows(late)
+    assert calls == [] and all(r["max_batch"] is None and r["note"] == "not run: time budget"
+                               for r in rows)
+    rows = memory.max_batch_rows(dataclasses.replace(late, deadline=None))
+    assert calls and all(r["max_batch"] == 64 and r["capped"] for r in rows)  # 1 GiB fits
+
+
+def test_prioritized_cases_cover_every_group_first():
+    from benchmarks import cases, speed
+
+    all_cases = cases.Settings().speed_cases()
+    order = speed.prioritized(all_cases)
+    assert sorted(order, key=all_cases.index) == all_cases  # a permutation
+    groups = {(c.family, c.n, c.dtype, c.layout) for c in all_cases}
+    first = order[:len(groups)]
+    assert {(c.family, c.n, c.dtype, c.layout) for c in first} == groups
+
+
+def test_add_compiled_leaves_out_cases_past_the_deadline(monkeypatch):
+    from benchmarks import cases, speed
+
+    monkeypatch.setattr(speed, "implementations", lambda with_compile: {"compiled": None})
+    case = cases.BNCase("resnet50", 2, 8, 6, 6)
+    rows = [dict(speed._base(case), mode=m, status="ok", iabn_ms=1.0) for m in speed.MODES]
+    settings = cases.Settings(tiny=True, deadline=time.monotonic() - 1)
+    assert speed.add_compiled(rows, settings, "cpu", timer=speed.WallTimer()) == 0
+    assert all(r["compiled_error"] == "not run: time budget" for r in rows)
+
+
+def test_time_budget_shares(monkeypatch):
+    """Each budgeted part gets its share of the time left; a part whose share is below its
+    floor is reported as not run with the numbers, instead of starting."""
+    from benchmarks import cases
+    from benchmarks.__main__ import TIME_FLOOR_S, Run
+
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    run = Run(cases.Settings(), budget=90, parts=["speed", "memory", "compile"])
+    s = run.settings_for("speed")  # 3 of 3 + 3 + 1 shares of 90 s
+    assert s.deadline == pytest.approx(1000 + 90 * 3 / 7)
+    now[0] += 60  # speed overran its share: 30 s left for memory and compile
+    s = run.settings_for("memory")
+    assert s.deadline == pytest.approx(1060 + 30 * 3 / 4)
+    now[0] += 20
+    assert run.settings_for("compile") is None  # 10 s left, the floor is 45 s
+    assert run.status["compile"].startswith("not run: time budget (10 s of 10 s left")
+    assert TIME_FLOOR_S["compile"] > 10
+    assert Run(cases.Settings()).settings_for("speed").deadline is None  # no budget
+
+
+def test_gpu_summary_renders_the_step_part(tmp_path):
+    """write_outputs with step rows as a GPU run makes them (eager + compiled, one left out
+    by the budget), so a GPU run cannot die formatting them."""
+    from benchmarks import cases
+    from benchmarks.__main__ import Run, write_outputs
+
+    gib = 2 ** 30
+    rows = []
+    for mode in ("eager", "compiled"):
+        for kind, ms, peak in (("standard", 100.0, 10 * gib), ("iabn", 90.0, 7 * gib)):
+            rows.append(dict(net="resnet50", input="3x224x224", batch=32, precision="float16-cl",
+                             mode=mode, kind=kind, status="ok", iabn_layers=0, step_ms=ms,
+                             images_per_s=320.0, peak_bytes=peak, first_step_s=1.0,
+                             first_loss=6.9 + (kind == "iabn") * 1e-4))
+    rows.append(dict(net="deeplab_head", input="2048x64x64", batch=32, precision="float32",
+                     mode="compiled", kind="iabn", status="not run: time budget"))
+    run = Run()
+    run.attempt("step", lambda: rows)
+    write_outputs(tmp_path, run, cases.Settings(), dict(device="stand-in"), True, [])
+    md = (tmp_path / "summary.md").read_text()
+    assert "## Whole training step, batch 32 (GPU, CUDA events)" in md
+    line = next(l for l in md.splitlines() if l.startswith("| resnet50 | float16-cl | eager"))
+    assert "| 100.0 | 90.0 | 0.90 | 10.00 | 7.00 | 30.0% | 1.4e-05 |" in line
+    assert "- deeplab_head float32 compiled iabn: not run: time budget" in md
+    assert (tmp_path / "step.png").read_bytes()[:8] == PNG_MAGIC
+    assert len((tmp_path / "step.csv").read_text().splitlines()) == 6
