@@ -54,7 +54,7 @@ class _Meter:
         self.rows.append((name, rt.traffic[0] - l0, rt.traffic[1] - s0, self.be.launches - n0))
 
 
-def traffic_rows(settings: Settings) -> list[dict]:
+def traffic_rows(settings: Settings, pairs=PAIRS) -> list[dict]:
     """Bytes loaded/stored per element for each kernel and each composite stage, per dtype
     pair and layout. 'tensor_*' is the count rounded down to whole passes over the tensor;
     the remainder is the O(C) per-channel traffic (constants, partials), which shrinks
@@ -62,7 +62,7 @@ def traffic_rows(settings: Settings) -> list[dict]:
     be = backends.get("emulator")
     shape = settings.traffic_shape()
     rows = []
-    for pair in PAIRS:
+    for pair in pairs:
         for layout in ("ncs", "nsc"):
             m = _Meter()
             x, dz, w, b, rm, rv = _inputs(shape, pair, layout)

@@ -162,17 +162,22 @@ def max_batch_rows(settings: Settings, device="cuda") -> list[dict]:
                 continue
 
             def fits(n):
+                if not clock.allows():
+                    raise TimeoutError
                 got = clock.timed(lambda: _measure(setup, kind, n, device))
                 return got is not None and got[0] <= budget
 
-            lo, hi = 0, 1
-            while hi <= cap and fits(hi):
-                lo, hi = hi, hi * 2
-            hi = min(hi, cap + 1)
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+            lo, hi, note = 0, 1, {}
+            try:
+                while hi <= cap and fits(hi):
+                    lo, hi = hi, hi * 2
+                hi = min(hi, cap + 1)
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+            except TimeoutError:  # what was measured stands: a lower bound
+                note = dict(note=f"at least {lo} (search cut by the time budget)")
             rows.append(dict(net=setup.net, input=_input_label(setup), kind=kind,
                              budget_gib=settings.memory_budget_gib, max_batch=lo,
-                             capped=lo >= cap))
+                             capped=lo >= cap, **note))
     return rows

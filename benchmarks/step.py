@@ -97,15 +97,18 @@ def measure(setup: NetSetup, precision: str, kind: str, compiled: bool, device, 
 
 
 def step_rows(settings: Settings, device, timer=None, compiled: bool = False,
-              progress=print) -> list[dict]:
-    """Rows for every network x precision x kind, in one mode (eager or compiled). Under a
-    deadline, a network/precision group that would not finish is reported as not run."""
+              progress=print, rows=None, on_row=lambda: None) -> list[dict]:
+    """Rows for every network x precision x kind, in one mode (eager or compiled), appended
+    to `rows` as they come (on_row() after each, e.g. to save progress). Under a deadline, a
+    kind that would not finish in the time left is reported as not run."""
     from .speed import CudaTimer, allow_recompiles
 
     timer = timer or CudaTimer(device)
     if compiled:
         allow_recompiles()
-    rows, per_kind = [], GUESS_S[compiled] if settings.deadline is not None else 0.0
+    rows = [] if rows is None else rows
+    # what one kind costs: a guess until the first is measured, then the largest seen
+    per_kind, seen = GUESS_S[compiled] if settings.deadline is not None else 0.0, 0
     for precision in settings.step_precisions:
         for setup in settings.step_setups():
             for kind in kinds():
@@ -114,6 +117,7 @@ def step_rows(settings: Settings, device, timer=None, compiled: bool = False,
                            kind=kind)
                 if settings.time_left() < per_kind:
                     rows.append(dict(row, status="not run: time budget"))
+                    on_row()
                     continue
                 progress(f"  step {row['mode']} {setup.net} {precision} {kind}")
                 t0 = time.monotonic()
@@ -129,7 +133,9 @@ def step_rows(settings: Settings, device, timer=None, compiled: bool = False,
                     gc.collect()
                     if torch.device(device).type == "cuda":
                         torch.cuda.empty_cache()
-                per_kind = max(per_kind, time.monotonic() - t0)
+                cost = time.monotonic() - t0
+                per_kind, seen = (max(per_kind, cost) if seen else cost), seen + 1
+                on_row()
     return rows
 
 

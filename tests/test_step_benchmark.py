@@ -160,3 +160,22 @@ def test_gpu_summary_renders_the_step_part(tmp_path):
     assert "- deeplab_head float32 compiled iabn: not run: time budget" in md
     assert (tmp_path / "step.png").read_bytes()[:8] == PNG_MAGIC
     assert len((tmp_path / "step.csv").read_text().splitlines()) == 6
+
+
+def test_max_batch_search_cut_by_the_deadline_keeps_its_lower_bound(monkeypatch):
+    """Each stand-in measurement takes 10 (fake) seconds; with 25 s the search measures
+    batches 1 and 2, stops before 4, and says so; the next search is not started."""
+    from benchmarks import cases, memory
+
+    now = [0.0]
+
+    def measure(setup, kind, n, device):
+        now[0] += 10
+        return (2 ** 20, 0)  # always fits
+
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(memory, "_measure", measure)
+    rows = memory.max_batch_rows(cases.Settings(tiny=True, deadline=25.0))
+    assert rows[0]["max_batch"] == 2
+    assert rows[0]["note"] == "at least 2 (search cut by the time budget)"
+    assert all(r["note"] == "not run: time budget" for r in rows[1:])
