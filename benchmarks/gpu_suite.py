@@ -33,6 +33,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from . import gpu_suite_env, gpu_suite_pack
+from .cases import device_slug
 from .gpu_suite_runner import (FAILED, OUT_OF_TIME, PASSED, SKIPPED, Context, Interrupted,
                                Outcome, Step, Suite, from_command, totals, verdict_markdown)
 
@@ -63,9 +64,11 @@ def env_step(ctx: Context, allot: float) -> Outcome:
         if not f:
             return Outcome(FAILED, f"probe failed (exit {done.rc}); see logs/environment.log")
         t, cp = f.get("torch", {}), f.get("cupy", {})
-        versions = (f"driver {cp.get('driver')}, CUDA runtime {cp.get('runtime')}, NVRTC "
-                    f"{cp.get('nvrtc')}, CuPy {cp.get('version')}, torch {t.get('version')} "
-                    f"(CUDA {t.get('cuda')}); iabn from {f['imports']['iabn_resolved']}")
+        cupy = (f"CuPy {cp.get('version')}, NVRTC {cp.get('nvrtc')}, driver "
+                f"{cp.get('driver')}, CUDA runtime {cp.get('runtime')}"
+                + (f" ({cp['error']})" if "error" in cp else ""))
+        versions = (f"{cupy}, torch {t.get('version')} (CUDA {t.get('cuda')}); iabn from "
+                    f"{f['imports']['iabn_resolved']}")
         if ctx.dry_run:
             return Outcome(PASSED, f"dry run on {f['device']}: {versions}", ran_as="CPU")
         if not ctx.gpu:
@@ -175,16 +178,17 @@ def sanitizer_step(ctx: Context, allot: float) -> Outcome:
     results = ctx.run_parallel(jobs, allot)
     counts, notes, statuses = {}, [], []
     for t, done in zip(SANITIZER_TOOLS, results):
-        text = done.log.read_text(errors="replace")
-        found = [int(n) for n in re.findall(r"ERROR SUMMARY: (\d+) error", text)]
-        found += [int(n) for n in re.findall(r"(\d+) hazards? displayed", text)]
+        # the tool's last line: "ERROR SUMMARY: 0 errors" (racecheck: "RACECHECK SUMMARY:
+        # 0 hazards displayed (0 errors, 0 warnings)")
+        summary = re.findall(r"(?:ERROR|RACECHECK) SUMMARY: (.*)", done.log.read_text(
+            errors="replace"))
         rep = _driver_report(ctx.logs / f"sanitizer-{t}.json")
         if done.timed_out:
             counts[t], st = "out of time", OUT_OF_TIME
         elif done.rc == 0:
-            counts[t], st = f"{sum(found)} reports", PASSED
+            counts[t], st = summary[-1].strip() if summary else "clean", PASSED
         elif done.rc == SANITIZER_FOUND:
-            counts[t], st = f"{sum(found) or '?'} reports", FAILED
+            counts[t], st = summary[-1].strip() if summary else "reported errors", FAILED
         else:
             counts[t], st = f"driver exit {done.rc}", FAILED
         if st != PASSED:
@@ -323,8 +327,7 @@ def main(argv=None) -> int:
             header=header, totals=totals(records), steps=[r.__dict__ for r in records]),
             indent=1, default=str))
         shutil.copyfile(out / "suite.log", ctx.logs / "suite.log")
-        top = "dry-run" if args.dry_run else gpu_suite_pack.safe_name(
-            _slug(f.get("device", "unknown-gpu")))
+        top = "dry-run" if args.dry_run else device_slug(f.get("device", "unknown-gpu"))
         notes = gpu_suite_pack.pack(results, out, top, [results / "verdict.md", out / "suite.log",
                                                         results / "summary.md"])
         for n in notes:
@@ -345,12 +348,6 @@ def main(argv=None) -> int:
     log("[suite] verdict:\n" + (results / "verdict.md").read_text())
     log(f"[suite] packed into {out}: {sorted(p.name for p in out.iterdir())}")
     return 1 if any(r.status in (FAILED, OUT_OF_TIME) for r in records) else 0
-
-
-def _slug(name: str) -> str:
-    from .cases import device_slug
-
-    return device_slug(name)
 
 
 if __name__ == "__main__":

@@ -135,18 +135,19 @@ def probe(root: Path) -> dict:
                            kernels=str(kernel_dir()), kernels_sha256=kernels_digest())
     git = _run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"])
     info["git_commit"] = git if len(git) < 20 and " " not in git else "unknown (no git here)"
-    cupy_gpu = False
-    try:
+    cupy_gpu, cp = False, {}
+    info["cupy"] = cp
+    try:  # filled in as far as it gets: the version even without a driver
         import cupy
         from cupy.cuda import nvrtc
 
+        cp.update(version=cupy.__version__, nvrtc=".".join(map(str, nvrtc.getVersion())))
         rt = cupy.cuda.runtime
-        cupy_gpu = rt.getDeviceCount() > 0
-        info["cupy"] = dict(version=cupy.__version__, nvrtc=".".join(map(str, nvrtc.getVersion())),
-                            runtime=rt.runtimeGetVersion(), driver=rt.driverGetVersion(),
-                            devices=rt.getDeviceCount())
+        cp.update(runtime=rt.runtimeGetVersion(), driver=rt.driverGetVersion(),
+                  devices=rt.getDeviceCount())
+        cupy_gpu = cp["devices"] > 0
     except Exception as exc:  # no CuPy, no driver, or no device
-        info["cupy"] = dict(error=f"{type(exc).__name__}: {exc}")
+        cp["error"] = f"{type(exc).__name__}: {exc}"
     import torch
 
     t = dict(version=torch.__version__, cuda=torch.version.cuda, available=torch.cuda.is_available())

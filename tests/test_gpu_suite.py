@@ -324,3 +324,54 @@ def test_every_cuda_test_carries_the_gpu_marker(tmp_path):
         if needs and not r["gpu"]:
             bad.append(r["id"])
     assert bad == []
+
+
+FAKE_SANITIZER = """#!{python}
+import json, sys, time
+args = sys.argv[1:]
+tool = args[args.index("--tool") + 1]
+report = args[args.index("--json") + 1]
+json.dump(dict(steps=180, kernels_expected=240, kernels_launched=240, missing=[],
+               problems=[]), open(report, "w"))
+if tool == "racecheck":
+    print("========= RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)")
+    sys.exit(int(args[args.index("--error-exitcode") + 1]))
+if tool == "synccheck":
+    time.sleep(120)
+print("========= ERROR SUMMARY: 0 errors")
+"""
+
+
+def test_sanitizer_step_reads_each_tool(ctx, tmp_path):
+    """The GPU branch of step 4 with a stand-in compute-sanitizer: one clean tool, one that
+    finds hazards, one that hangs; all four run at once and each is reported."""
+    from benchmarks import gpu_suite
+
+    tool = tmp_path / "compute-sanitizer"
+    tool.write_text(FAKE_SANITIZER.format(python=PY))
+    tool.chmod(0o755)
+    ctx.gpu, ctx.facts = True, {"tools": {"compute-sanitizer": str(tool)}}
+    t0 = time.monotonic()
+    out = gpu_suite.sanitizer_step(ctx, 4.0)
+    assert time.monotonic() - t0 < 60
+    assert out.status == FAILED  # a finding outranks the hang
+    assert out.counts == {"memcheck": "0 errors",
+                          "racecheck": "2 hazards displayed (2 errors, 0 warnings)",
+                          "synccheck": "out of time", "initcheck": "0 errors"}
+    assert "racecheck: 2 hazards displayed (2 errors, 0 warnings), 240/240 kernels" in out.detail
+    log = (ctx.logs / "sanitizer-memcheck.log").read_text()
+    assert "--tool memcheck" in log and "benchmarks.sanitizer_driver --backend cuda" in log
+
+
+def test_junit_counts(tmp_path):
+    from benchmarks.gpu_suite import _junit
+
+    xml = tmp_path / "j.xml"
+    xml.write_text('<testsuites><testsuite tests="5" failures="1" errors="1" skipped="1">'
+                   '<testcase classname="tests.test_a" name="test_ok"/>'
+                   '<testcase classname="tests.test_a" name="test_bad"><failure/></testcase>'
+                   '<testcase classname="tests.test_b" name="test_err"><error/></testcase>'
+                   '</testsuite></testsuites>')
+    counts, failing = _junit(xml)
+    assert counts == dict(passed=2, failed=2, skipped=1)
+    assert failing == ["tests.test_a::test_bad", "tests.test_b::test_err"]
