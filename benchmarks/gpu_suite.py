@@ -315,13 +315,13 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     log(f"[suite] {header['mode']}, budget {args.budget:.0f} s, output {out}, iabn: {how}")
 
-    def publish(records):
+    def publish(records, running=None):
         f = ctx.facts
         header.update(device=f.get("device", header["device"]),
                       commit=f.get("git_commit", "unknown"),
                       kernels_sha256=f.get("imports", {}).get("kernels_sha256", "unknown"),
                       elapsed_s=round(time.monotonic() - t0))
-        md = verdict_markdown(records, header, steps)
+        md = verdict_markdown(records, header, steps, running)
         (results / "verdict.md").write_text(md)
         (results / "suite.json").write_text(json.dumps(dict(
             header=header, totals=totals(records), steps=[r.__dict__ for r in records]),
@@ -339,6 +339,7 @@ def main(argv=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
     suite = Suite(steps, ctx, args.budget, reserve_s=10, on_record=publish, log=log)
+    ctx.heartbeat = lambda: publish(suite.records, running=len(suite.records) + 1)
     try:
         records = suite.run()
     except Interrupted as exc:  # between steps: record what is known and pack it

@@ -85,6 +85,10 @@ class Context:
         self.gpu = not dry_run  # updated by the environment step
         self.facts: dict = {}  # what the environment step learned (device, tools, ...)
         self._live: list = []
+        # called every heartbeat_s while commands run: republishes the logs so far, so a
+        # kill of the whole suite mid-step still returns the step's output up to then
+        self.heartbeat: Callable[[], None] = lambda: None
+        self.heartbeat_s = 30.0
 
     def run(self, argv, log_name: str, timeout: float) -> Finished:
         return self.run_parallel([(argv, log_name)], timeout)[0]
@@ -105,14 +109,20 @@ class Context:
         out = []
         try:
             for argv, proc, f, log in started:
-                left = max(0.0, timeout - (time.monotonic() - t0))
-                try:
-                    rc, timed_out = proc.wait(timeout=left), False
-                except subprocess.TimeoutExpired:
-                    kill_group(proc)
-                    rc, timed_out = None, True
-                    f.write(f"\n[suite] killed after {timeout:.0f} s (step time limit)\n")
-                out.append(Finished(list(argv), rc, timed_out, time.monotonic() - t0, log))
+                rc = timed_out = None
+                while rc is None and not timed_out:
+                    left = timeout - (time.monotonic() - t0)
+                    try:
+                        rc = proc.wait(timeout=max(0.0, min(left, self.heartbeat_s)))
+                    except subprocess.TimeoutExpired:
+                        if left <= self.heartbeat_s:
+                            kill_group(proc)
+                            timed_out = True
+                            f.write(f"\n[suite] killed after {timeout:.0f} s (step time limit)\n")
+                        else:
+                            f.flush()
+                            self.heartbeat()
+                out.append(Finished(list(argv), rc, bool(timed_out), time.monotonic() - t0, log))
         finally:
             for _, proc, f, _ in started:
                 if proc.poll() is None:  # interrupted while waiting: leave nothing behind
@@ -208,8 +218,10 @@ def _counts(c: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in c.items()) or "-"
 
 
-def verdict_markdown(records: list[Record], header: dict, planned: list[Step]) -> str:
-    """The verdict table: one row per planned step (steps not reached yet say so)."""
+def verdict_markdown(records: list[Record], header: dict, planned: list[Step],
+                     running: int | None = None) -> str:
+    """The verdict table: one row per planned step (step number `running` is in progress;
+    steps not reached yet say so)."""
     lines = [f"# GPU suite verdict: {header.get('device', 'unknown device')}", ""]
     lines += [f"- {k}: {v}" for k, v in header.items() if k != "device"] + [""]
     lines += ["| # | step | status | ran as | counts | seconds (allotted) | detail |",
@@ -218,7 +230,8 @@ def verdict_markdown(records: list[Record], header: dict, planned: list[Step]) -
     for i, step in enumerate(planned, 1):
         r = done.get(i)
         if r is None:
-            lines.append(f"| {i} | {step.title} | not reached yet | - | - | - | - |")
+            state = "running (the suite was cut here)" if i == running else "not reached yet"
+            lines.append(f"| {i} | {step.title} | {state} | - | - | - | - |")
             continue
         detail = r.detail.replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {i} | {r.title} | **{r.status}** | {r.ran_as} | {_counts(r.counts)} | "

@@ -113,6 +113,13 @@ def test_an_interrupt_records_the_step_and_skips_the_rest(ctx):
     assert records[2].detail == "not started: signal 15"
 
 
+def test_heartbeat_republishes_while_a_step_runs(ctx):
+    beats = []
+    ctx.heartbeat, ctx.heartbeat_s = (lambda: beats.append(1)), 0.2
+    done = ctx.run([PY, "-c", "import time; time.sleep(1.5)"], "slow.log", 30)
+    assert done.rc == 0 and not done.timed_out and len(beats) >= 2
+
+
 def test_verdict_table_counts():
     planned = [Step(f"s{i}", f"step {i}", 1, None, None) for i in range(6)]
     statuses = [PASSED, PASSED, FAILED, SKIPPED, OUT_OF_TIME]
@@ -124,6 +131,8 @@ def test_verdict_table_counts():
     rows = [line for line in md.splitlines() if re.match(r"^\| \d ", line)]
     assert len(rows) == 6 and "not reached yet" in rows[5]
     assert "**failed**" in rows[2] and "a \\| b" in rows[2]  # a pipe cannot break the table
+    md = verdict_markdown(records, dict(device="Test GPU"), planned, running=6)
+    assert "| 6 | step 5 | running (the suite was cut here) |" in md
 
 
 # ------------------------------------------------------------------------------------------
