@@ -345,6 +345,9 @@ def main(argv=None) -> int:
     except Interrupted as exc:  # between steps: record what is known and pack it
         log(f"[suite] interrupted: {exc}")
         records = suite.records
+    if cache.is_dir():  # what the kernel caches hold after the run, MiB per cache
+        header["cache_mib"] = {p.name: round(gpu_suite_env.du(p) / 2 ** 20, 1)
+                               for p in sorted(cache.iterdir()) if p.is_dir()}
     publish(records)
     log("[suite] verdict:\n" + (results / "verdict.md").read_text())
     log(f"[suite] packed into {out}: {sorted(p.name for p in out.iterdir())}")

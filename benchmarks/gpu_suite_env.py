@@ -66,7 +66,7 @@ def importable_env(root: Path, env: dict, work: Path, python: str = sys.executab
     return env, f"shim {shim}"
 
 
-def _du(path: str) -> int:
+def du(path) -> int:
     total = 0
     for dirpath, _, files in os.walk(path):
         for f in files:
@@ -78,7 +78,7 @@ def _du(path: str) -> int:
 
 
 def caches() -> dict:
-    return {v: dict(path=os.environ.get(v), bytes=_du(os.environ[v]) if os.environ.get(v)
+    return {v: dict(path=os.environ.get(v), bytes=du(os.environ[v]) if os.environ.get(v)
                     else None) for v in CACHE_VARS}
 
 

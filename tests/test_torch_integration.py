@@ -14,6 +14,7 @@ from iabn.torch import IABNError
 
 HAVE_GPU = torch.cuda.is_available()
 on_gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_GPU, reason="needs a CUDA GPU")]
+DEVICES = ["cpu", pytest.param("cuda", marks=on_gpu)]
 
 
 def small_net(act_param=0.01):
@@ -61,14 +62,15 @@ def test_core_takes_a_backend_object():
 
 
 # ------------------------------------------------------------------------ torch.compile
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_matches_eager(device):
     torch.manual_seed(0)
     eager = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), it.InPlaceABN(6),
                           nn.Conv2d(6, 6, 3, padding=1),
-                          it.InPlaceABN(6, activation="elu", activation_param=1.0))
+                          it.InPlaceABN(6, activation="elu", activation_param=1.0)).to(device)
     compiled_mod = copy.deepcopy(eager)
     compiled = torch.compile(compiled_mod, fullgraph=True)
-    x = torch.randn(2, 3, 8, 8)
+    x = torch.randn(2, 3, 8, 8, device=device)
     y_eager, y_comp = eager(x), compiled(x)
     torch.testing.assert_close(y_comp, y_eager, rtol=1e-5, atol=1e-5)
     y_eager.square().sum().backward()
@@ -99,10 +101,11 @@ def _op_args(c=4, dtype=torch.float32, param_dtype=torch.float32):
         c, dtype=param_dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("layout", ["ncs", "nsc"])
-def test_opcheck(layout, training):
-    x, w, b, rm, rv = _op_args()
+def test_opcheck(layout, training, device):
+    x, w, b, rm, rv = (t.to(device) for t in _op_args())
     if layout == "nsc":
         x = x.contiguous(memory_format=torch.channels_last)
     fwd = (x, w, b, rm, rv, training, 0.1, 1e-5, "leaky_relu", 0.01)
