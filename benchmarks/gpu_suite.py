@@ -44,8 +44,8 @@ BENCH_PARTS = ("speed", "memory", "step", "overhead", "compile")  # those PARTS 
 BENCH_GRACE_S = 45  # the benchmark process's start-up and last write, beyond its own budget
 
 
-def _module(*args) -> list:
-    return [sys.executable, "-m", *args]
+def _module(ctx: Context, *args) -> list:
+    return [ctx.python, "-m", *args]
 
 
 # ------------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ def _module(*args) -> list:
 # ------------------------------------------------------------------------------------------
 def env_step(ctx: Context, allot: float) -> Outcome:
     path = ctx.results / "suite_environment.json"
-    argv = _module("benchmarks.gpu_suite_env", "--json", path)
+    argv = _module(ctx, "benchmarks.gpu_suite_env", "--json", path)
     done = ctx.run(argv + ([] if ctx.dry_run else ["--warm-kernels"]), "environment.log", allot)
     if path.is_file():
         ctx.facts = json.loads(path.read_text())
@@ -100,7 +100,7 @@ def _junit(path: Path) -> tuple[dict, list[str]]:
 
 def pytest_step(ctx: Context, allot: float) -> Outcome:
     xml = ctx.logs / "pytest-gpu.xml"
-    argv = _module("pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider",
+    argv = _module(ctx, "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider",
                    f"--junitxml={xml}", "-o", f"faulthandler_timeout={int(max(30, allot - 20))}")
     if ctx.gpu and "pytest-xdist" in ctx.facts.get("packages", {}):
         # One GPU shared by a few workers: the tests are small, the start-up is the cost.
@@ -125,7 +125,8 @@ def pytest_step(ctx: Context, allot: float) -> Outcome:
 def check_step(ctx: Context, allot: float) -> Outcome:
     js = ctx.results / "check.json"
     backend = ["--backend", "cuda"] if ctx.gpu else ["--backend", "emulator", "--quick"]
-    done = ctx.run(_module("iabn.check", *backend, "--json", js, "--summary"), "check.log", allot)
+    done = ctx.run(_module(ctx, "iabn.check", *backend, "--json", js, "--summary"), "check.log",
+                   allot)
 
     def judge(done):
         cases = json.loads(js.read_text())["cases"] if js.is_file() else []
@@ -152,7 +153,7 @@ def _coverage(rep: dict) -> str:
 
 
 def sanitizer_step(ctx: Context, allot: float) -> Outcome:
-    driver = _module("benchmarks.sanitizer_driver")
+    driver = _module(ctx, "benchmarks.sanitizer_driver")
     tool = ctx.facts.get("tools", {}).get("compute-sanitizer")
     if not ctx.gpu or not tool:
         backend = "cuda" if ctx.gpu else "emulator"
@@ -205,7 +206,7 @@ def bench_step(ctx: Context, allot: float) -> Outcome:
 
     parts = [p for p in BENCH_PARTS if p in PARTS]
     budget = max(10.0, allot - BENCH_GRACE_S)
-    argv = _module("benchmarks", "--parts", ",".join(parts), "--out", ctx.results,
+    argv = _module(ctx, "benchmarks", "--parts", ",".join(parts), "--out", ctx.results,
                    "--time-budget", f"{budget:.0f}")
     if not ctx.gpu:
         argv += ["--tiny", "--cpu-only"]

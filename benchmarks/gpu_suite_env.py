@@ -150,7 +150,8 @@ def probe(root: Path) -> dict:
         cp["error"] = f"{type(exc).__name__}: {exc}"
     import torch
 
-    t = dict(version=torch.__version__, cuda=torch.version.cuda, available=torch.cuda.is_available())
+    t = dict(version=torch.__version__, cuda=torch.version.cuda,
+             available=torch.cuda.is_available())
     if t["available"]:
         p = torch.cuda.get_device_properties(0)
         t.update(device=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,

@@ -6,10 +6,11 @@ Budget rule. With `left` = time left - reserve (for the last packing), step i ge
 so a step may use up to its own cap but not the least time the later steps need, unless
 that would leave it less than its own minimum: earlier steps matter more (the order is the
 priority). A step with less than its min_s left is not started ("skipped", with the
-numbers): a step is never begun only to be killed half-way. A step that overruns its allotment anyway
-(a hang) is killed with its whole process group and recorded "out of time". Each step runs
-whatever happened before it; results are handed to `on_record` after every step, so a kill
-of the whole suite still leaves the verdict so far.
+numbers): a step is never begun only to be killed half-way. A step that overruns its
+allotment anyway (a hang) is killed with its whole process group and recorded "out of time".
+Each step runs whatever happened before it; results are handed to `on_record` after every
+step (and `Context.heartbeat` runs during long ones), so a kill of the whole suite still
+leaves the verdict so far.
 """
 from __future__ import annotations
 

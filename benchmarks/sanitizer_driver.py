@@ -10,10 +10,11 @@ iabn_core.ops, the path every adapter takes) on three shapes per layout:
   awkward:    C = 1 or an odd C, odd S, misaligned too (VEC = 1 from the extent)
 and five scenarios per shape (SCENARIOS), every activation among them: without weight and
 bias; a synchronized step on one simulated rank (the stats-merge path); backward into a
-separate `out` buffer; eval mode; no parameter arrays at all. Every launched kernel name is recorded and compared with the full
-instantiation list (iabn_core.instantiations), so a kernel the driver never reaches is
-reported, not silently unsanitized. Results are compared with the NumPy backend (loose
-tolerance: the point is catching garbage a tool run might hide behind a clean report).
+separate `out` buffer; eval mode; no parameter arrays at all. Every launched kernel name is
+recorded and compared with the full instantiation list (iabn_core.instantiations), so a
+kernel the driver never reaches is reported, not silently left unsanitized. Results are
+compared with the NumPy backend (loose tolerance: the point is catching garbage that a clean
+tool report would not reveal).
 
 Under compute-sanitizer the CuPy memory pool is switched off, so every buffer is its own
 cudaMalloc and an access one element past it is outside any allocation (a pool would hide it
