@@ -195,6 +195,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     root = Path(__file__).resolve().parents[1]
     info = probe(root)
+    out = Path(args.json)
+    out.write_text(json.dumps(info, indent=1, default=str))  # the facts, even if warm-up hangs
     rc = 0
     if args.warm_kernels and info["gpu"]:
         t0 = time.perf_counter()
@@ -205,7 +207,7 @@ def main(argv=None) -> int:
             rc = 1
         info["kernel_warmup_total_s"] = round(time.perf_counter() - t0, 2)
         info["caches"] = caches()
-    Path(args.json).write_text(json.dumps(info, indent=1, default=str))
+    out.write_text(json.dumps(info, indent=1, default=str))
     print(json.dumps(info, indent=1, default=str))
     return rc
 
