@@ -231,15 +231,17 @@ def bench_step(ctx: Context, allot: float) -> Outcome:
 def plan(budget: float, names=STEP_NAMES) -> list[Step]:
     """The steps with their time limits for a budget of `budget` seconds (480 by default:
     env <= 12%, pytest <= 25%, check <= 15%, sanitizer <= 25%, bench the rest)."""
+    def step(name, title, min_s, share, body):  # a cap never below the step's minimum
+        return Step(name, title, min_s, None if share is None else max(
+            min_s, share * budget, 30 if name == "env" else 0), body)
+
     table = {
-        "env": Step("env", "environment, kernel cache warm-up", 10, max(30, 0.12 * budget),
-                    env_step),
-        "pytest": Step("pytest", "pytest -m gpu", 30, 0.25 * budget, pytest_step),
-        "check": Step("check", "python -m iabn.check --backend cuda", 20, 0.15 * budget,
-                      check_step),
-        "sanitizer": Step("sanitizer", "compute-sanitizer x4 over the kernel driver", 30,
-                          0.25 * budget, sanitizer_step),
-        "bench": Step("bench", "python -m benchmarks (GPU parts)", 45, None, bench_step),
+        "env": step("env", "environment, kernel cache warm-up", 10, 0.12, env_step),
+        "pytest": step("pytest", "pytest -m gpu", 30, 0.25, pytest_step),
+        "check": step("check", "python -m iabn.check --backend cuda", 20, 0.15, check_step),
+        "sanitizer": step("sanitizer", "compute-sanitizer x4 over the kernel driver", 30, 0.25,
+                          sanitizer_step),
+        "bench": step("bench", "python -m benchmarks (GPU parts)", 45, None, bench_step),
     }
     return [table[n] for n in STEP_NAMES if n in names or n == "env"]
 

@@ -49,6 +49,18 @@ def test_allotment_keeps_the_later_steps_minimum():
     assert allotment(steps, 1, 4) == 4 < steps[1].min_s  # below its minimum: not started
 
 
+@pytest.mark.parametrize("budget", [30, 60, 480, 1200])
+def test_suite_plan_caps_never_fall_below_minimums(budget):
+    from benchmarks.gpu_suite import STEP_NAMES, plan
+
+    steps = plan(budget)
+    assert [s.name for s in steps] == list(STEP_NAMES) and steps[-1].max_s is None
+    assert all(s.max_s >= s.min_s for s in steps[:-1])
+    if budget == 480:  # the documented shares
+        assert [round(s.max_s) for s in steps[:-1]] == [58, 120, 72, 120]
+    assert [s.name for s in plan(budget, ["bench"])] == ["env", "bench"]
+
+
 def test_a_step_that_would_not_fit_is_skipped_not_started(ctx):
     started = []
 
