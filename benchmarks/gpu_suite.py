@@ -151,7 +151,8 @@ def _coverage(rep: dict) -> str:
     if not rep:
         return "driver wrote no report"
     return (f"{rep['kernels_launched']}/{rep['kernels_expected']} kernels, {rep['steps']} "
-            f"steps, {len(rep['problems'])} result problems")
+            f"steps{'' if rep.get('finished', True) else ' (cut short)'}, "
+            f"{len(rep['problems'])} result problems")
 
 
 def sanitizer_step(ctx: Context, allot: float) -> Outcome:

@@ -184,6 +184,17 @@ def expected_kernels() -> set:
     return {name for spec in inst.all_modules() for name in spec.names}
 
 
+def report(path, backend, steps, launched, problems, done: bool) -> dict:
+    expected = expected_kernels()
+    rep = dict(backend=backend, finished=done, steps=steps, kernels_expected=len(expected),
+               kernels_launched=len(launched & expected), missing=sorted(expected - launched),
+               problems=problems)
+    if path:  # rewritten as it goes: a run killed under a slow tool still says how far it got
+        with open(path, "w") as f:
+            json.dump(rep, f, indent=1)
+    return rep
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.sanitizer_driver",
                                  description=__doc__.splitlines()[0])
@@ -209,25 +220,20 @@ def main(argv=None) -> int:
                     except Exception as exc:  # report and go on: one crash hides nothing else
                         problems.append(f"{where}: {type(exc).__name__}: {exc}")
                     steps += 1
-            print(f"[driver] {pair.key} {layout}: {len(launched)} kernels launched so far",
-                  flush=True)
-    expected = expected_kernels()
-    missing = sorted(expected - launched)
+            print(f"[driver] {pair.key} {layout}: {len(launched)} kernels launched so far "
+                  f"({time.time() - t0:.1f} s)", flush=True)
+            report(args.json, args.backend, steps, launched, problems, False)
+    rep = report(args.json, args.backend, steps, launched, problems, True)
     print(f"[driver] {steps} forward+backward steps in {time.time() - t0:.1f} s; "
-          f"{len(launched & expected)} of {len(expected)} kernels launched; "
+          f"{rep['kernels_launched']} of {rep['kernels_expected']} kernels launched; "
           f"{len(problems)} problems")
     for p in problems[:50]:
         print(f"[driver] PROBLEM {p}")
-    for name in missing[:50]:
+    for name in rep["missing"][:50]:
         print(f"[driver] NOT LAUNCHED {name}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(backend=args.backend, steps=steps, kernels_expected=len(expected),
-                           kernels_launched=len(launched & expected), missing=missing,
-                           problems=problems), f, indent=1)
     if problems:
         return 1
-    return 2 if missing else 0
+    return 2 if rep["missing"] else 0
 
 
 if __name__ == "__main__":

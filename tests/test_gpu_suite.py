@@ -353,7 +353,7 @@ args = sys.argv[1:]
 tool = args[args.index("--tool") + 1]
 report = args[args.index("--json") + 1]
 json.dump(dict(steps=180, kernels_expected=240, kernels_launched=240, missing=[],
-               problems=[]), open(report, "w"))
+               problems=[], finished=tool != "synccheck"), open(report, "w"))
 if tool == "racecheck":
     print("========= RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)")
     sys.exit(int(args[args.index("--error-exitcode") + 1]))
@@ -380,6 +380,7 @@ def test_sanitizer_step_reads_each_tool(ctx, tmp_path):
                           "racecheck": "2 hazards displayed (2 errors, 0 warnings)",
                           "synccheck": "out of time", "initcheck": "0 errors"}
     assert "racecheck: 2 hazards displayed (2 errors, 0 warnings), 240/240 kernels" in out.detail
+    assert "synccheck: out of time, 240/240 kernels, 180 steps (cut short)" in out.detail
     log = (ctx.logs / "sanitizer-memcheck.log").read_text()
     assert "--tool memcheck" in log and "benchmarks.sanitizer_driver --backend cuda" in log
 
