@@ -179,3 +179,44 @@ def test_max_batch_search_cut_by_the_deadline_keeps_its_lower_bound(monkeypatch)
     assert rows[0]["max_batch"] == 2
     assert rows[0]["note"] == "at least 2 (search cut by the time budget)"
     assert all(r["note"] == "not run: time budget" for r in rows[1:])
+
+
+def test_compiled_passes_run_last_and_report(monkeypatch):
+    """The torch.compile passes as a GPU run makes them (the measurements are stand-ins):
+    each gets its deadline, its status says how much it covered, progress is saved after
+    each, and a pass with nothing to add to gives its share to the others."""
+    from benchmarks import cases, speed, step
+    from benchmarks.__main__ import Run, compiled_passes
+
+    seen = {}
+
+    def add_compiled(rows, settings, device, progress=print):
+        seen["speed"] = settings.deadline
+        return 2
+
+    def step_rows(settings, device, compiled=False, progress=print, rows=None,
+                  on_row=lambda: None):
+        seen["step"] = (compiled, settings.deadline)
+        rows.append(dict(status="ok"))
+        on_row()
+        rows.append(dict(status="not run: time budget"))
+        on_row()
+        return rows
+
+    monkeypatch.setattr(speed, "add_compiled", add_compiled)
+    monkeypatch.setattr(step, "step_rows", step_rows)
+    parts = ["speed", "step", "speed (torch.compile)", "step (torch.compile)"]
+    run = Run(cases.Settings(), budget=600, parts=parts)
+    run.data.update(speed=([dict(label=f"s{i}") for i in range(3)], 1.0), step=[])
+    saves = []
+    compiled_passes(run, gpu=True, save=lambda: saves.append(1))
+    assert run.status == {"speed (torch.compile)": "ran: 2 of 3 shapes",
+                          "step (torch.compile)": "ran: 1 of 2 runs"}
+    assert seen["step"][0] is True and seen["speed"] < seen["step"][1]
+    assert len(saves) == 4  # two rows of the step pass, and after each pass
+
+    run = Run(cases.Settings(), budget=600, parts=parts[2:])
+    run.data.update(step=[])  # no speed rows: its compiled pass is dropped, not scheduled
+    compiled_passes(run, gpu=True)
+    assert list(run.status) == ["step (torch.compile)"] and run.pending == []
+    assert compiled_passes(Run(cases.Settings(compile=False)), gpu=True) is None
