@@ -309,7 +309,10 @@ def write_outputs(out: Path, run: Run, settings: Settings, env: dict, gpu: bool,
                "Median ms per step (forward, loss, backward, SGD update) and peak allocated "
                "memory of one step; float16-cl = autocast float16 with channels_last. "
                "Standard = BatchNorm2d + in-place LeakyReLU. Max loss diff: spread of the "
-               "kinds' first-step losses relative to standard (same conv weights).", "",
+               "kinds' first-step losses relative to standard (same conv weights). float32 "
+               "convolutions " + ("may use TF32 (torch.backends.cudnn.allow_tf32, PyTorch's "
+                                  "default)" if torch.backends.cudnn.allow_tf32 else
+                                  "use full float32 (cudnn.allow_tf32 is off)") + ".", "",
                "![step](step.png)", ""]
         md += step.section(run.data["step"])
     else:
