@@ -215,18 +215,22 @@ def bench_step(ctx: Context, allot: float) -> Outcome:
         argv += ["--tiny", "--cpu-only"]
     done = ctx.run(argv, "benchmarks.log", allot)
 
+    envf = ctx.results / "environment.json"  # rewritten by the benchmarks after every part
+    status = json.loads(envf.read_text()).get("status", {}) if envf.is_file() else {}
+    counts = dict(ran=sum(s.startswith("ran") for s in status.values()),
+                  not_run=sum(s.startswith("not run") for s in status.values()),
+                  failed=sum(s.startswith("failed") for s in status.values()))
+    detail = "; ".join(f"{p}: {s}" for p, s in status.items())
+    ran_as = "GPU" if ctx.gpu else "CPU (--tiny --cpu-only; GPU parts not run)"
+
     def judge(done):
-        envf = ctx.results / "environment.json"
-        status = json.loads(envf.read_text()).get("status", {}) if envf.is_file() else {}
-        counts = dict(ran=sum(s.startswith("ran") for s in status.values()),
-                      not_run=sum(s.startswith("not run") for s in status.values()),
-                      failed=sum(s.startswith("failed") for s in status.values()))
-        detail = "; ".join(f"{p}: {s}" for p, s in status.items())
-        ran_as = "GPU" if ctx.gpu else "CPU (--tiny --cpu-only; GPU parts not run)"
         ok = done.rc == 0 and status and not counts["failed"]
         return Outcome(PASSED if ok else FAILED, detail or f"exit {done.rc}", counts, ran_as)
 
-    return from_command(done, judge)
+    out = from_command(done, judge)
+    if out.status == OUT_OF_TIME:  # what the parts finished before the kill still counts
+        out.detail, out.counts, out.ran_as = f"{out.detail}; {detail}", counts, ran_as
+    return out
 
 
 def plan(budget: float, names=STEP_NAMES) -> list[Step]:
