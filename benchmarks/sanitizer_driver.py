@@ -8,9 +8,10 @@ iabn_core.ops, the path every adapter takes) on three shapes per layout:
   misaligned: the same kind of shape, buffers one element past an aligned address (VEC = 1
               chosen because of the pointer, the case a vector kernel must never see)
   awkward:    C = 1 or an odd C, odd S, misaligned too (VEC = 1 from the extent)
-and five scenarios per shape (SCENARIOS), every activation among them: without weight and
+and seven scenarios per shape (SCENARIOS), every activation among them: without weight and
 bias; a synchronized step on one simulated rank (the stats-merge path); backward into a
-separate `out` buffer; eval mode; no parameter arrays at all. Every launched kernel name is
+separate `out` buffer; eval mode; no parameter arrays at all; the residual form
+z = act(BN(x) + r), in training and eval. Every launched kernel name is
 recorded and compared with the full instantiation list (iabn_core.instantiations), so a
 kernel the driver never reaches is reported, not silently left unsanitized. Results are
 compared with the NumPy backend (loose tolerance: the point is catching garbage that a clean
@@ -44,14 +45,17 @@ SHAPES = {
             ("awkward", (5, 3, 7), True)),
 }
 # (activation, training, weight + bias, running stats, synchronized, dx into a separate
-# buffer). Without any parameter array the parameter dtype defaults to float32, so the
-# scenario that leaves out weight and bias keeps the running stats (their dtype picks the
-# pair), and the last one, with no parameter arrays at all, runs the default pair.
-SCENARIOS = (("identity", True, False, True, False, False),
-             ("leaky_relu", True, True, True, True, False),
-             ("elu", True, True, True, False, True),
-             ("leaky_relu", False, True, True, False, False),
-             ("elu", True, False, False, False, False))
+# buffer, residual z = act(BN(x) + r)). Without any parameter array the parameter dtype
+# defaults to float32, so the scenario that leaves out weight and bias keeps the running
+# stats (their dtype picks the pair), and the one with no parameter arrays at all runs the
+# default pair. The residual form runs the same kernels with a non-null residual pointer.
+SCENARIOS = (("identity", True, False, True, False, False, False),
+             ("leaky_relu", True, True, True, True, False, False),
+             ("elu", True, True, True, False, True, False),
+             ("leaky_relu", False, True, True, False, False, False),
+             ("elu", True, False, False, False, False, False),
+             ("leaky_relu", True, True, True, False, True, True),
+             ("elu", False, True, True, False, False, True))
 ACT_PARAM = {"identity": 0.0, "leaky_relu": 0.1, "elu": 0.7}
 LOOSE = 10  # x the per-dtype tolerance: a loose sanity bound, the matrix check is iabn.check
 
@@ -144,7 +148,7 @@ def record_launches(backend) -> set:
 
 def run_step(mem: Memory, backend: str, pair, layout, shape, shift, scenario, rng):
     """One forward + backward; returns {output name: (got float64, stored dtype)}."""
-    act, training, affine, running, synced, use_out = scenario
+    act, training, affine, running, synced, use_out, with_residual = scenario
     xdt, pdt = numpy_dtype(pair.x), numpy_dtype(pair.param)
     c = shape[1]
     x0 = (rng.normal(size=shape) * 2 + 0.5).astype(xdt)
@@ -157,11 +161,20 @@ def run_step(mem: Memory, backend: str, pair, layout, shape, shift, scenario, rn
     dz, dzh = mem.place(dz0, layout, shift)
     out, outh = mem.place(np.zeros_like(dz0), layout, shift) if use_out else (None, dzh)
     params = [mem.vector(a) for a in (w, b, rm, rv)]
+    res = {}
+    if with_residual:
+        r, _ = mem.place(rng.normal(size=shape).astype(xdt), layout, shift)
+        dr, drh = mem.place(np.zeros_like(dz0), layout, shift)
+        res = dict(residual=r)
     ctx = ops.forward(x, *params, training=training, momentum=0.1, eps=1e-5, activation=act,
                       activation_param=ACT_PARAM[act], backend=None if mem.gpu else backend,
-                      comm=OneRank() if synced else None)
-    _, dw, db = ops.backward(ctx, x, dz, out=out)
+                      comm=OneRank() if synced else None, **res)
+    if with_residual:
+        res["residual_out"] = dr
+    _, dw, db, *_ = ops.backward(ctx, x, dz, out=out, **res)
     got = {"z": (mem.read(xh), pair.x), "dx": (mem.read(outh), pair.x)}
+    if with_residual:
+        got["dresidual"] = (mem.read(drh), pair.x)
     for name, a in (("dweight", dw), ("dbias", db), ("running_mean", params[2]),
                     ("running_var", params[3])):
         if a is not None:
