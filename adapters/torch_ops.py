@@ -1,5 +1,5 @@
-"""PyTorch ops for InPlace-ABN: tensor <-> core-array bridging, the custom ops, the autograd
-Function and the functional API (re-exported by iabn.torch).
+"""PyTorch ops for InPlace-ABN: the custom ops, the autograd Function and the functional API
+(re-exported by iabn.torch); tensor <-> core-array bridging lives in torch_bridge.
 
 Three tiers, as in iabn_core:
   * `iabn::inplace_abn_forward` / `iabn::inplace_abn_backward`: opaque custom ops registered
@@ -13,141 +13,49 @@ Three tiers, as in iabn_core:
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Optional
 
-import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
 from iabn_core import backends as _backends
 from iabn_core import layout as _layout
 from iabn_core import ops as _ops
+from iabn_core import signature as _signature
 from iabn_core import validate as _validate
-from iabn_core.dtypes import BFLOAT16
 from iabn_core.validate import IABNError
 
+# Re-exported: tests and benchmarks reach the bridge through this module too.
+from .torch_bridge import (TORCH_DTYPES, _SUPPORTED, _acc_dtype, _backend_for,  # noqa: F401
+                           _comm, _device_scope, _null_backend, from_core, to_core)
+
 __all__ = ["inplace_abn", "inplace_abn_sync", "IABNError"]
-
-# Canonical dtype names (iabn_core.dtypes) <-> torch dtypes.
-TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-_SUPPORTED = frozenset(TORCH_DTYPES.values())
-
-
-# ------------------------------------------------------------------------------------------
-# Zero-copy bridging. Every core array below views the tensor's own memory, so the core's
-# in-place writes land in the tensor.
-# ------------------------------------------------------------------------------------------
-def _cupy():
-    from iabn_core.backends.cuda import import_cupy
-
-    return import_cupy()
-
-
-def to_core(t: Optional[torch.Tensor]):
-    """NumPy (CPU) or CuPy (CUDA) array sharing t's memory; None stays None."""
-    if t is None:
-        return None
-    t = t.detach()  # .numpy() refuses tensors that require grad; detach() shares memory
-    bf16 = t.dtype == torch.bfloat16
-    if bf16:
-        # torch has no NumPy dtype for bfloat16 (and CuPy < 14 none either): hand over the same
-        # bits as int16 and reinterpret them as ml_dtypes.bfloat16 on the array side.
-        t = t.view(torch.int16)
-    if t.device.type == "cpu":
-        a = t.numpy()
-    elif t.device.type == "cuda":
-        a = _cupy().from_dlpack(t)
-    else:
-        raise IABNError(f"iabn supports CPU and CUDA tensors, got a tensor on {t.device}")
-    return a.view(BFLOAT16) if bf16 else a
-
-
-def from_core(a) -> torch.Tensor:
-    """Tensor sharing the memory of a NumPy/CuPy array the core returned (no copy)."""
-    bf16 = BFLOAT16 is not None and a.dtype == BFLOAT16
-    if bf16:
-        a = a.view(np.int16)
-    t = torch.from_numpy(a) if isinstance(a, np.ndarray) else torch.from_dlpack(a)
-    return t.view(torch.bfloat16) if bf16 else t
-
-
-def _torch_workspace(shape, dtype_name):
-    """CUDA workspace allocator for the kernel backend: memory comes from torch's caching
-    allocator on the current device (and, during CUDA-graph capture, from the graph's pool),
-    so CuPy's own pool never grows beside torch's."""
-    dev = torch.device("cuda", _cupy().cuda.Device().id)
-    shape = tuple(int(d) for d in shape)  # plans may hand NumPy integers
-    return to_core(torch.empty(shape, dtype=TORCH_DTYPES[dtype_name], device=dev))
-
-
-_cuda_backend_instance = None
-
-
-def _backend_for(t: torch.Tensor):
-    """None for CPU tensors (the core picks `numpy`, or `emulator` when IABN_BACKEND says so);
-    for CUDA tensors the kernel backend whose workspaces torch allocates."""
-    global _cuda_backend_instance
-    if t.device.type != "cuda":
-        return None
-    if _cuda_backend_instance is None:
-        from iabn_core.backends.cuda import CudaRuntime
-        from iabn_core.backends.kernel_backend import KernelBackend
-
-        _cuda_backend_instance = KernelBackend(CudaRuntime(allocator=_torch_workspace))
-    return _cuda_backend_instance
-
-
-@contextlib.contextmanager
-def _device_scope(t: torch.Tensor):
-    """For CUDA tensors: make t's device current for torch and CuPy, and run CuPy on torch's
-    current stream of that device, so kernels are ordered with torch's work without any host
-    synchronisation (and are captured when torch captures a CUDA graph)."""
-    if t.device.type != "cuda":
-        yield
-        return
-    cupy = _cupy()
-    with torch.cuda.device(t.device), cupy.cuda.Device(t.device.index):
-        ts = torch.cuda.current_stream(t.device)
-        if hasattr(cupy.cuda.Stream, "from_external") and hasattr(ts, "__cuda_stream__"):
-            # CuPy >= 14 and a torch that speaks the CUDA stream protocol
-            cs = cupy.cuda.Stream.from_external(ts)
-        else:  # CuPy 13
-            cs = cupy.cuda.ExternalStream(ts.cuda_stream, t.device.index)
-        with cs:
-            yield
-
-
-def _comm(group_name: str):
-    """The communicator of a torch.distributed group named by `group_name` ("" -> None).
-
-    The custom ops take the group's name, not the group (custom-op arguments must be tensors
-    or plain values; this is how torch's functional collectives pass groups too), and call
-    the collectives from inside the op. That keeps the sync path one opaque op per stage,
-    like the local one: torch.compile does not trace into it, and the unsynchronised path
-    (group_name "") is unchanged."""
-    if not group_name:
-        return None
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    from iabn_core.comm import TorchDistributedComm
-
-    return TorchDistributedComm(_resolve_process_group(group_name))
-
-
-def _acc_dtype(x_dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if x_dtype == torch.float64 else torch.float32
-
 
 # ------------------------------------------------------------------------------------------
 # Custom ops
 # ------------------------------------------------------------------------------------------
+def _forward_impl(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                  activation, activation_param, group_name, residual=None):
+    """The forward op's body: x <- z in place; returns (stats tensor, signature.Signature)."""
+    if x.device.type != "cuda":
+        return _forward_core(x, weight, bias, running_mean, running_var, training, momentum,
+                             eps, activation, activation_param, group_name, residual)
+    with _device_scope(x):
+        return _forward_core(x, weight, bias, running_mean, running_var, training, momentum,
+                             eps, activation, activation_param, group_name, residual)
+
+
+def _forward_core(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                  activation, activation_param, group_name, residual):
+    ctx = _ops.forward(to_core(x), to_core(weight), to_core(bias), to_core(running_mean),
+                       to_core(running_var), training=training, momentum=momentum, eps=eps,
+                       activation=activation, activation_param=activation_param,
+                       backend=_backend_for(x), comm=_comm(group_name),
+                       residual=to_core(residual))
+    return from_core(ctx.stats), ctx.sig
+
+
 @torch.library.custom_op("iabn::inplace_abn_forward",
                          mutates_args=("x", "running_mean", "running_var"))
 def _forward_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -158,13 +66,8 @@ def _forward_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
     """x <- act(BN(x) [+ residual]) in place (running stats updated in place when training);
     returns the per-channel stats (4, C): count, mean, biased var, inverse std. A non-empty
     group_name synchronises the statistics over that torch.distributed group (see _comm)."""
-    with _device_scope(x):
-        ctx = _ops.forward(to_core(x), to_core(weight), to_core(bias), to_core(running_mean),
-                           to_core(running_var), training=training, momentum=momentum, eps=eps,
-                           activation=activation, activation_param=activation_param,
-                           backend=_backend_for(x), comm=_comm(group_name),
-                           residual=to_core(residual))
-        return from_core(ctx.stats)
+    return _forward_impl(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                         activation, activation_param, group_name, residual)[0]
 
 
 @_forward_op.register_fake
@@ -178,6 +81,39 @@ def _param_grad_like(p: Optional[torch.Tensor], stats: torch.Tensor) -> torch.Te
     return stats.new_empty((0,)) if p is None else torch.empty_like(p)
 
 
+def _backward_impl(z, dz, dx, stats, weight, bias, training, eps, activation, activation_param,
+                   group_name, residual=None, dresidual=None, sig=None):
+    """The backward op's body: dx <- input gradient (and dresidual <- the residual's gradient);
+    returns (dweight, dbias) tensors or None. `sig` is the forward's signature when the caller
+    kept it (the eager path); without it (the custom op: Python objects cannot cross the op
+    boundary) it is looked up again from z, which has the forward x's shape, dtype and layout;
+    running stats play no part here."""
+    if z.device.type != "cuda":
+        return _backward_core(z, dz, dx, stats, weight, bias, training, eps, activation,
+                              activation_param, group_name, residual, dresidual, sig)
+    with _device_scope(z):
+        return _backward_core(z, dz, dx, stats, weight, bias, training, eps, activation,
+                              activation_param, group_name, residual, dresidual, sig)
+
+
+def _backward_core(z, dz, dx, stats, weight, bias, training, eps, activation, activation_param,
+                   group_name, residual, dresidual, sig):
+    same = dx.data_ptr() == dz.data_ptr()
+    zc, dxc = to_core(z), to_core(dx)
+    dzc = dxc if same else to_core(dz)  # each tensor crosses into the core once
+    wc, bc = to_core(weight), to_core(bias)
+    if sig is None:
+        sig = _signature.forward(zc, wc, bc, None, None, training=True, momentum=0.0, eps=eps,
+                                 activation=activation, activation_param=activation_param,
+                                 min_count=0)
+    backend = _backends.select(zc, _backend_for(z))
+    ctx = _ops.Context(sig.prob, sig.layout, tuple(zc.shape), backend, to_core(stats), wc, bc,
+                       training, zc, _comm(group_name), residual is not None, sig)
+    _, dw, db, *_ = _ops.backward(ctx, zc, dzc, out=None if same else dxc,
+                                  residual=to_core(residual), residual_out=to_core(dresidual))
+    return (None if dw is None else from_core(dw)), (None if db is None else from_core(db))
+
+
 @torch.library.custom_op("iabn::inplace_abn_backward", mutates_args=("dx", "dresidual"))
 def _backward_op(z: torch.Tensor, dz: torch.Tensor, dx: torch.Tensor, stats: torch.Tensor,
                  weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], training: bool,
@@ -187,25 +123,10 @@ def _backward_op(z: torch.Tensor, dz: torch.Tensor, dx: torch.Tensor, stats: tor
     """dx <- input gradient (z and dz are only read, unless dx is dz itself: then in place),
     and dresidual <- the residual's gradient when forward had a residual; returns (dweight,
     dbias), empty for absent ones."""
-    with _device_scope(z):
-        zc, dzc, dxc = to_core(z), to_core(dz), to_core(dx)
-        wc, bc = to_core(weight), to_core(bias)
-        # The core's Context holds Python objects and cannot cross the op boundary, so it is
-        # rebuilt here from what forward saved: validate.problem derives the same Problem from
-        # z (same shape/dtype/layout as x); running stats play no part in backward.
-        prob, layout = _validate.problem(zc, wc, bc, None, None, training=True, momentum=0.0,
-                                         eps=eps, activation=activation,
-                                         activation_param=activation_param, min_count=0)
-        backend = _backends.select(zc, _backend_for(z))
-        ctx = _ops.Context(prob, layout, tuple(zc.shape), backend, to_core(stats), wc, bc,
-                           training, zc, _comm(group_name), residual is not None)
-        same = dx.data_ptr() == dz.data_ptr()
-        _, dw, db, *_ = _ops.backward(ctx, zc, dxc if same else dzc, out=None if same else dxc,
-                                      residual=to_core(residual),
-                                      residual_out=to_core(dresidual))
-        dweight = from_core(dw) if dw is not None else _param_grad_like(None, stats)
-        dbias = from_core(db) if db is not None else _param_grad_like(None, stats)
-        return dweight, dbias
+    dweight, dbias = _backward_impl(z, dz, dx, stats, weight, bias, training, eps, activation,
+                                    activation_param, group_name, residual, dresidual)
+    return (_param_grad_like(None, stats) if dweight is None else dweight,
+            _param_grad_like(None, stats) if dbias is None else dbias)
 
 
 @_backward_op.register_fake
@@ -221,6 +142,8 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True if the kernels can read `a` with `b`'s layout (same shape, dtype, memory order)."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
+    if a.stride() == b.stride():  # the usual case: same strides, same order
+        return True
     la = _layout.detect(tuple(a.shape), tuple(s * a.element_size() for s in a.stride()),
                         a.element_size())
     lb = _layout.detect(tuple(b.shape), tuple(s * b.element_size() for s in b.stride()),
@@ -228,18 +151,47 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return la is not None and la == lb
 
 
+try:
+    _dispatch_modes = torch._C._len_torch_dispatch_stack
+except AttributeError:  # pragma: no cover - older torch: always take the custom ops
+    def _dispatch_modes():
+        return 1
+
+
+def _eager(x: torch.Tensor) -> bool:
+    """True when the Function may run the op bodies directly: a plain tensor, no compiler
+    tracing, no dispatch mode (FakeTensorMode, make_fx, ...) watching. Otherwise it calls
+    the custom ops, which torch.compile, export and the dispatch modes understand.
+
+    The direct call saves the custom ops' dispatch (most of the Python cost of a layer). What
+    the ops' ADInplaceOrView kernels did, bumping the version counters of what they write, is
+    done here by hand (x by mark_dirty), so autograd's in-place checks see every write."""
+    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and not _dispatch_modes()
+
+
 class _InPlaceABN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps,
                 activation, activation_param, group_name, residual):
-        stats = torch.ops.iabn.inplace_abn_forward(x, weight, bias, running_mean, running_var,
-                                                   training, momentum, eps, activation,
-                                                   activation_param, group_name, residual)
-        ctx.mark_dirty(x)
+        if _eager(x):
+            stats, ctx.sig = _forward_impl(x, weight, bias, running_mean, running_var,
+                                           training, momentum, eps, activation,
+                                           activation_param, group_name, residual)
+            written = [t for t in (running_mean, running_var) if t is not None]
+            if written:
+                torch.autograd.graph.increment_version(written)
+        else:
+            stats = torch.ops.iabn.inplace_abn_forward(x, weight, bias, running_mean,
+                                                       running_var, training, momentum, eps,
+                                                       activation, activation_param,
+                                                       group_name, residual)
+            ctx.sig = None
+        ctx.mark_dirty(x)  # also bumps x's version counter
         # Only the output z (x's buffer) and per-channel tensors: backward inverts the
         # activation and the affine map to recover what standard BN would have saved. A
         # residual is saved as it is (no copy): in a residual block it is the block's input,
         # which the block's first conv keeps anyway, so its storage is counted once.
+        # ctx.sig (plain Python: the problem, plans, kernel handles) holds no tensor memory.
         ctx.save_for_backward(x, stats, weight, bias, residual)
         ctx.cfg = (training, eps, activation, activation_param, group_name)
         return x
@@ -260,14 +212,20 @@ class _InPlaceABN(torch.autograd.Function):
         if not _same_layout(dz, z):
             dx.copy_(dz)
             dz = dx
-        # The custom op bumps dx's version counter itself (torch.library registers an
-        # ADInplaceOrView kernel for every argument in mutates_args).
         # dr = dy is a gradient of its own (not dx's buffer): a new tensor in z's layout.
         dr = None if residual is None else torch.empty_like(z, memory_format=torch.preserve_format)
-        dweight, dbias = torch.ops.iabn.inplace_abn_backward(z, dz, dx, stats, weight, bias,
-                                                             training, eps, activation,
-                                                             activation_param, group_name,
-                                                             residual, dr)
+        if ctx.sig is not None and _eager(z):
+            dweight, dbias = _backward_impl(z, dz, dx, stats, weight, bias, training, eps,
+                                            activation, activation_param, group_name, residual,
+                                            dr, ctx.sig)
+            torch.autograd.graph.increment_version([dx] if dr is None else [dx, dr])
+        else:
+            # The custom op bumps dx's version counter itself (torch.library registers an
+            # ADInplaceOrView kernel for every argument in mutates_args).
+            dweight, dbias = torch.ops.iabn.inplace_abn_backward(z, dz, dx, stats, weight,
+                                                                 bias, training, eps,
+                                                                 activation, activation_param,
+                                                                 group_name, residual, dr)
         return (dx,
                 dweight if weight is not None and ctx.needs_input_grad[1] else None,
                 dbias if bias is not None and ctx.needs_input_grad[2] else None,

@@ -24,7 +24,7 @@ import torch
 from . import report
 from .cases import Settings, device_slug
 
-PARTS = ("counts", "compile", "saved", "speed", "memory", "step")
+PARTS = ("counts", "compile", "saved", "speed", "memory", "step", "overhead")
 GPU_PARTS = ("speed", "memory", "step")
 # --time-budget: each part's share of the time still left when it starts (the torch.compile
 # passes run last), and the least time worth starting it with.
@@ -205,6 +205,10 @@ def main(argv=None) -> int:
 
             run.attempt(part, lambda: step.step_rows(
                 settings, "cuda", progress=lambda s: print(s, file=sys.stderr)))
+        elif part == "overhead":
+            from . import overhead
+
+            run.attempt(part, lambda: overhead.overhead_rows(settings, gpu))
         write_outputs(out, run, run.settings, env, gpu, argv)  # progress survives a kill
     compiled_passes(run, gpu, lambda: write_outputs(out, run, run.settings, env, gpu, argv))
     write_outputs(out, run, run.settings, env, gpu, argv)
@@ -352,6 +356,15 @@ def write_outputs(out: Path, run: Run, settings: Settings, env: dict, gpu: bool,
     else:
         md += ["## Traffic and launches", "",
                _why(run, "counts"), ""]
+
+    if "overhead" in run.data:
+        from . import overhead
+
+        report.write_csv(out / "overhead.csv", run.data["overhead"])
+        md += ["## Host overhead per layer (CPU" + (" and GPU" if gpu else "") + ")", ""]
+        md += overhead.summary_section(run.data["overhead"])
+    else:
+        md += ["## Host overhead per layer", "", _why(run, "overhead"), ""]
 
     if "compile" in run.data:
         rows = run.data["compile"]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .arrays import strided_view
 
 
@@ -44,6 +46,16 @@ def view3(a, layout: str):
     """The (N, C, S) or (N, S, C) view the kernels see; shares memory with `a`."""
     n, c = a.shape[0], a.shape[1]
     s = math.prod(a.shape[2:])
+    if isinstance(a, np.ndarray):
+        # Fast path: a C-contiguous array (size-1 dims' strides ignored, as `detect` does)
+        # reshapes without copying, by NumPy's rules; the channels-last order is C-contiguous
+        # once C is moved last. Anything else takes the explicit strided view.
+        if layout == "ncs" and a.flags.c_contiguous:
+            return a.reshape(n, c, s)
+        if layout == "nsc":
+            t = a.transpose((0,) + tuple(range(2, a.ndim)) + (1,))
+            if t.flags.c_contiguous:
+                return t.reshape(n, s, c)
     if layout == "ncs":
         return strided_view(a, (n, c, s), (c * s, s, 1))
     return strided_view(a, (n, s, c), (c * s, c, 1))

@@ -10,13 +10,14 @@ bitwise-identical statistics. Eval mode uses the running stats and exchanges not
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 from . import arrays
 from . import comm as _comm
-from . import validate
-from .backends.base import Problem
+from . import signature, validate
+from .backends.base import Composites, Problem
 from .layout import view3
 
 
@@ -38,6 +39,7 @@ class Context:
     like: Any  # an array of the forward's kind/device, for backward's checks
     comm: Any = None
     has_residual: bool = False  # forward computed z = act(BN(x) + r): backward needs r again
+    sig: Any = None  # the forward's signature.Signature (backward's checks start from it)
 
     @property
     def mean(self):
@@ -76,10 +78,11 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
     synced = comm is not None and training is True  # eval uses running stats: no collectives
     try:
         # Synced, a rank may hold no samples; the count is judged globally in comm.agree.
-        prob, layout = validate.problem(
+        sig = signature.forward(
             x, weight, bias, running_mean, running_var, training=training, momentum=momentum,
             eps=eps, activation=activation, activation_param=activation_param,
             min_count=0 if comm is not None else 2)
+        prob, layout = sig.prob, sig.layout
         validate.forward_residual(residual, x, prob, layout, running_mean, running_var)
         be = validate.backend(x, backend)
     except ValueError:  # IABNError
@@ -94,18 +97,24 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
     # failure must not leave running stats updated and x untouched.
     be.prepare(prob, ("stats.cu", "forward.cu"))
     x3 = view3(x, layout)
-    if training:
-        partials = be.batch_stats(prob, x3)
-        if synced:
-            partials = comm.all_gather(be.merge_stats(prob, partials))
-        stats = be.finalize(prob, partials, running_mean, running_var, momentum, True)
-    else:
-        stats = be.finalize(prob, None, running_mean, running_var, momentum, False)
     r3 = None if residual is None else view3(residual, layout)
-    if prob.count:
-        be.forward(prob, x3, stats, weight, bias, r3)
+    if synced:
+        partials = comm.all_gather(be.merge_stats(prob, be.batch_stats(prob, x3)))
+        stats = be.finalize(prob, partials, running_mean, running_var, momentum, True)
+        if prob.count:
+            be.forward(prob, x3, stats, weight, bias, r3)
+    else:  # the stages as one call: a backend may fuse them and share one workspace
+        stats = _composite(be, "forward_all")(prob, x3, running_mean, running_var, momentum,
+                                               training, weight, bias, r3)
     return Context(prob, layout, tuple(x.shape), be, stats, weight, bias, training, x, comm,
-                   residual is not None)
+                   residual is not None, sig)
+
+
+def _composite(be, name):
+    """be's forward_all/backward_all; a backend object that has only the stages (all that
+    validate.backend asks of one) gets the generic sequence."""
+    fn = getattr(be, name, None)
+    return fn if fn is not None else functools.partial(getattr(Composites, name), be)
 
 
 def backward(ctx: Context, z, dz, out=None, residual=None, *, residual_out=None):
@@ -119,7 +128,7 @@ def backward(ctx: Context, z, dz, out=None, residual=None, *, residual_out=None)
     if not isinstance(ctx, Context):
         raise validate.IABNError(f"ctx must be the Context returned by forward, got "
                                  f"{type(ctx).__name__}")
-    validate.backward_buffers(ctx, z, dz, out)
+    signature.backward(ctx, z, dz, out)
     validate.backward_residual(ctx, z, dz, out, residual, residual_out)
     with arrays.device_scope(z):
         return _backward(ctx, z, dz, out, residual, residual_out)
@@ -135,15 +144,16 @@ def _backward(ctx: Context, z, dz, out, residual=None, residual_out=None):
         if residual_out is None:  # a new output in z's memory order (order="K" keeps it)
             residual_out = arrays.empty_like(z)
         r3, dr3 = view3(residual, ctx.layout), view3(residual_out, ctx.layout)
-    sums = dweight = dbias = None
-    if ctx.training or prob.has_weight or prob.has_bias:
+    if ctx.comm is not None and ctx.training:
         partial = be.backward_reduce(prob, z3, dz3, ctx.stats, ctx.weight, ctx.bias, r3)
         sums, dweight, dbias = be.backward_finalize(prob, partial, ctx.weight, ctx.bias)
-        if ctx.comm is not None and ctx.training:
-            sums = ctx.comm.all_reduce(sums)
-    if prob.count:
-        be.backward_elementwise(prob, z3, dz3, ctx.stats, sums, ctx.weight, ctx.bias,
-                                ctx.training, dx3, r3, dr3)
+        sums = ctx.comm.all_reduce(sums)
+        if prob.count:
+            be.backward_elementwise(prob, z3, dz3, ctx.stats, sums, ctx.weight, ctx.bias,
+                                    True, dx3, r3, dr3)
+    else:  # the stages as one call: a backend may fuse them and share one workspace
+        dweight, dbias = _composite(be, "backward_all")(prob, z3, dz3, ctx.stats, ctx.weight,
+                                                        ctx.bias, ctx.training, dx3, r3, dr3)
     dx = dz if out is None else out
     if residual is None:
         return dx, dweight, dbias

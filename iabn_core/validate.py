@@ -6,9 +6,11 @@ Two kinds of checks, kept apart so that a caller may cache the first kind:
     and the first loop of `backward_buffers`): they depend only on the arguments' kinds,
     devices, shapes, strides, dtypes (byte order included), which ones are None, and the scalar
     values, so every call with the same signature gets the same answer;
-  * buffer checks (`check_buffers`, the rest of `backward_buffers`): they depend on this call's
+  * buffer checks (`check_buffers`, `backward_buffer_checks`): they depend on this call's
     memory (pointer alignment, overlap between buffers, writability) and run on every call.
-`problem` runs both for forward; `backward_buffers` both for backward.
+`problem` runs both for forward; `backward_buffers` both for backward. iabn_core.signature
+caches the first kind and runs the second (and `check_momentum`, which its key leaves out) on
+every call.
 """
 from __future__ import annotations
 
@@ -90,10 +92,18 @@ def check_scalars(training, momentum, eps, activation, activation_param, *, acc_
         _fail(f"eps must be a finite number > 0 that is a normal {acc_dtype} (the accumulator "
               f"dtype; the GPU flushes subnormals to 0): in [{tiny:.4g}, {big:.4g}], "
               f"got {show(eps)}")
+    check_momentum(momentum)
+    check_activation(activation, activation_param, _fail, acc_dtype=acc_dtype)
+
+
+def check_momentum(momentum) -> None:
+    """The one scalar a signature (iabn_core.signature) leaves out: momentum=None modules
+    change it every step, so it is checked on every call."""
+    if type(momentum) is float and 0.0 <= momentum <= 1.0:  # the usual case, decided fast
+        return
     m = check_real("momentum", momentum, _fail)
     if not 0.0 <= m <= 1.0:
         _fail(f"momentum must be in [0, 1], got {show(momentum)}")
-    check_activation(activation, activation_param, _fail, acc_dtype=acc_dtype)
 
 
 def check_params(x, c: int, x_dtype: str, params: dict) -> str:
@@ -163,27 +173,48 @@ def backend(x, requested):
 
 
 # --------------------------------------------------------------------------- buffer checks
-def _aligned(name: str, a) -> None:
+# Each takes every buffer's data pointer once (NumPy's costs about a microsecond); callers that
+# know the buffers' geometry from a cached signature pass their byte extents relative to the
+# pointer (`spans`), so no extent is recomputed either.
+def _aligned(name: str, a, ptr: int | None = None) -> None:
     # Kernels load and store whole elements: a misaligned one faults on a GPU (and is trapped
     # by the emulator), so it is refused here on every backend alike.
-    if a.size and arrays.data_ptr(a) % a.itemsize:
+    if ptr is None:
+        ptr = arrays.data_ptr(a)
+    if a.size and ptr % a.itemsize:
         _fail(f"{name} is not aligned to its {a.itemsize}-byte elements (address "
-              f"{arrays.data_ptr(a):#x}); pass an aligned array, e.g. a copy")
+              f"{ptr:#x}); pass an aligned array, e.g. a copy")
 
 
-def _disjoint(named) -> None:
-    for i, (name_a, a) in enumerate(named):
-        for name_b, b in named[i + 1:]:
-            if arrays.overlaps(a, b):
-                _fail(f"{name_b} shares memory with {name_a}; pass separate buffers")
+def _overlap(a, b) -> bool:
+    """Whether byte ranges [a0, a1) and [b0, b1) share a byte (empty ranges share none)."""
+    return a[0] < b[1] and b[0] < a[1] and a[1] > a[0] and b[1] > b[0]
 
 
-def check_buffers(x, params: dict, training: bool) -> None:
+def _extents(named, ptrs, spans):
+    if spans is None:
+        return [arrays.byte_span(a) for _, a in named]
+    return [(p + lo, p + hi) for p, (lo, hi) in zip(ptrs, spans)]
+
+
+def _disjoint(names, extents) -> None:
+    live = sorted(e for e in extents if e[1] > e[0])
+    if all(a[1] <= b[0] for a, b in zip(live, live[1:])):
+        return  # sorted by start, none reaches into the next: all disjoint
+    for i, name_a in enumerate(names):  # find the first pair, in argument order, to name it
+        for j in range(i + 1, len(names)):
+            if _overlap(extents[i], extents[j]):
+                _fail(f"{names[j]} shares memory with {name_a}; pass separate buffers")
+
+
+def check_buffers(x, params: dict, training: bool, spans=None) -> None:
     """Alignment, writability and overlap of forward's buffers. Writable must be what the call
-    writes: x always, the running stats only when training (eval only reads them)."""
+    writes: x always, the running stats only when training (eval only reads them).
+    `spans`: (start, end) of x and each present parameter, relative to its data pointer."""
     named = [("x", x)] + [(k, v) for k, v in params.items() if v is not None]
-    for name, a in named:
-        _aligned(name, a)
+    ptrs = [arrays.data_ptr(a) for _, a in named]
+    for (name, a), p in zip(named, ptrs):
+        _aligned(name, a, p)
     written = ["x"] + (["running_mean", "running_var"] if training else [])
     for name, a in named:
         if name in written and not arrays.writeable(a):
@@ -192,7 +223,7 @@ def check_buffers(x, params: dict, training: bool) -> None:
             _fail(f"{name} is read-only; {what}")
     # The op writes x (and the running stats) while reading the parameters: any two of these
     # buffers sharing memory would make the result depend on the order of writes.
-    _disjoint(named)
+    _disjoint([name for name, _ in named], _extents(named, ptrs, spans))
 
 
 def problem(x, weight, bias, running_mean, running_var, *, training, momentum, eps, activation,
@@ -222,23 +253,34 @@ def backward_buffers(ctx, z, dz, out=None):
         if layout != ctx.layout:
             _fail(f"{name} must have the same memory layout as the forward's x ({ctx.layout}), "
                   f"got strides {tuple(a.strides)}; iabn does not copy silently")
-    # ---- buffer checks (per call)
-    for name, a in named:
-        _aligned(name, a)
+    backward_buffer_checks(ctx, z, dz, out)
+
+
+def backward_buffer_checks(ctx, z, dz, out=None, span=None) -> None:
+    """The buffer checks of backward_buffers, for buffers whose geometry already passed.
+    `span`: the (start, end) extent z, dz and out share relative to their data pointers, when
+    the caller knows it (they have the forward x's geometry)."""
+    named = (("z", z), ("dz", dz)) + ((("out", out),) if out is not None else ())
+    ptrs = [arrays.data_ptr(a) for _, a in named]
+    for (name, a), p in zip(named, ptrs):
+        _aligned(name, a, p)
     if not arrays.writeable(dz):
         _fail("dz is read-only; backward writes dx into dz's buffer")
-    if out is None and arrays.overlaps(z, dz):
+    ext = _extents(named, ptrs, None if span is None else [span] * len(named))
+    if out is None and _overlap(ext[0], ext[1]):
         _fail("z and dz share memory; backward writes dx over dz while reading z "
               "(pass out= to write dx elsewhere)")
     if out is not None:
         if not arrays.writeable(out):
             _fail("out is read-only; backward writes dx into it")
-        if arrays.overlaps(out, z) or arrays.overlaps(out, dz):
+        if _overlap(ext[2], ext[0]) or _overlap(ext[2], ext[1]):
             _fail("out shares memory with z or dz; pass out=None to write dx over dz")
     kept = [("weight", ctx.weight), ("bias", ctx.bias), ("the forward's statistics", ctx.stats)]
-    for name, a in named[1:]:
-        for kept_name, k in kept:
-            if k is not None and arrays.kind(k) == arrays.kind(a) and arrays.overlaps(a, k):
+    kept = [(kname, arrays.byte_span(k)) for kname, k in kept
+            if k is not None and arrays.kind(k) == arrays.kind(z)]
+    for (name, _), e in zip(named[1:], ext[1:]):
+        for kept_name, ke in kept:
+            if _overlap(e, ke):
                 _fail(f"{name} shares memory with {kept_name}, which backward reads while "
                       f"writing dx; pass a separate {name}")
 

@@ -8,7 +8,10 @@
 //       training: dx = gamma * invstd * (dy - sum(dy)/m - xhat * sum(dy xhat)/m)
 //       eval:     dx = gamma * invstd * dy
 //       with a residual, also dr = dy (a separate output buffer)
-// Synchronized BN all-reduces `sums` between finalize and elementwise.
+// Synchronized BN all-reduces `sums` between finalize and elementwise. Otherwise the
+// elementwise kernel sums the G partials itself (per block, for its channels, in the order
+// iabn_backward_finalize uses) and its blocks with blockIdx.y == 0 store dweight and dbias:
+// two launches per backward.
 #include "activations.cuh"
 #include "common.cuh"
 #include "layout.cuh"
@@ -38,6 +41,25 @@ __device__ __forceinline__ void recover(Acc z, Acc dz, Acc r, const BackwardCoef
                                         Acc& xhat) {
   dy = dz * Act::derivative(z, p);
   xhat = (Act::inverse(z, p) - r - a.shift) * a.inv_gamma;
+}
+
+// Channel c's sums over rows g = 0..G-1 of partials (G, 2, C), in index order: deterministic.
+template <class Acc>
+__device__ __forceinline__ SumPair<Acc> channel_sums(const Acc* partials, long long G, long long C, long long c) {
+  SumPair<Acc> s = SumPair<Acc>::identity();
+  for (long long g = 0; g < G; ++g) {
+    s.dy += load(partials + g * 2 * C + c);
+    s.dy_xhat += load(partials + g * 2 * C + C + c);
+  }
+  return s;
+}
+
+// gamma = |w| + eps and dL/dgamma = sum(dy * xhat); d|w|/dw is +1 at w = 0 (abs_slope).
+template <class Acc, class P>
+__device__ __forceinline__ void store_param_grads(const SumPair<Acc>& s, const P* weight, P* dweight, P* dbias,
+                                                  long long c) {
+  if (dweight) store(dweight + c, Cast<P>::from(abs_slope(to_acc<Acc>(load(weight + c))) * s.dy_xhat));
+  if (dbias) store(dbias + c, Cast<P>::from(s.dy));
 }
 
 }  // namespace iabn
@@ -86,16 +108,10 @@ iabn_backward_finalize(const Acc* __restrict__ partials, long long G, long long 
   using namespace iabn;
   const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  Acc dy = Acc(0), dy_xhat = Acc(0);
-  for (long long g = 0; g < G; ++g) {  // index order: deterministic
-    dy += load(partials + g * 2 * C + c);
-    dy_xhat += load(partials + g * 2 * C + C + c);
-  }
-  store(sums + c, dy);
-  store(sums + C + c, dy_xhat);
-  // gamma = |w| + eps and dL/dgamma = sum(dy * xhat); d|w|/dw is +1 at w = 0 (abs_slope).
-  if (dweight) store(dweight + c, Cast<P>::from(abs_slope(to_acc<Acc>(load(weight + c))) * dy_xhat));
-  if (dbias) store(dbias + c, Cast<P>::from(dy));
+  const SumPair<Acc> s = channel_sums(partials, G, C, c);
+  store(sums + c, s.dy);
+  store(sums + C + c, s.dy_xhat);
+  store_param_grads(s, weight, dweight, dbias, c);
 }
 
 template <class T, class P, class Act, class Layout, int VEC>
@@ -106,7 +122,9 @@ iabn_backward_elementwise(const T* __restrict__ z, const T* dz, T* dx, const iab
                           const iabn::acc_t<T>* __restrict__ sums, const P* __restrict__ weight,
                           const P* __restrict__ bias, iabn::acc_t<T> eps, iabn::acc_t<T> act_param,
                           int training, long long N, long long C, long long S, long long seg,
-                          const T* __restrict__ residual, T* __restrict__ dresidual) {
+                          const T* __restrict__ residual, T* __restrict__ dresidual,
+                          const iabn::acc_t<T>* __restrict__ partials, long long G,
+                          P* __restrict__ dweight, P* __restrict__ dbias) {
   using namespace iabn;
   typedef acc_t<T> Acc;
   constexpr int CH = Layout::template channels_per_thread<VEC>();
@@ -114,11 +132,18 @@ iabn_backward_elementwise(const T* __restrict__ z, const T* dz, T* dx, const iab
   Layout::channel_constants(C, aff, [&](long long c) {
     BackwardCoef<Acc> k = affine_of<Acc>(weight, bias, eps, c);
     k.scale = k.gamma * load(stats + 3 * C + c);
+    // The sums: from `sums` (finalized, or all-reduced by synchronized BN), or merged here from
+    // the reduction's G partials (then blocks with blockIdx.y == 0 store dweight and dbias).
+    SumPair<Acc> s = SumPair<Acc>::identity();
+    if (partials) {
+      s = channel_sums(partials, G, C, c);
+      if (blockIdx.y == 0) store_param_grads(s, weight, dweight, dbias, c);
+    }
     if (training) {
       // The count row of stats is the global count m (replicas included for synchronized BN).
       const Acc inv_m = Acc(1) / load(stats + c);
-      k.mean_dy = load(sums + c) * inv_m;
-      k.mean_dy_xhat = load(sums + C + c) * inv_m;
+      k.mean_dy = (partials ? s.dy : load(sums + c)) * inv_m;
+      k.mean_dy_xhat = (partials ? s.dy_xhat : load(sums + C + c)) * inv_m;
     }
     return k;
   });

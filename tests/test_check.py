@@ -32,10 +32,11 @@ def test_planted_wrong_kernel_fails(tmp_path):
     planted = tmp_path / "kernels"
     shutil.copytree(kernel_dir(), planted)
     src = (planted / "backward.cu").read_text()
-    bug = "k.mean_dy = load(sums + c) * inv_m;"
+    bug = "k.mean_dy = (partials ? s.dy : load(sums + c)) * inv_m;"
     assert bug in src
     # forget the 1/m of the mean gradient term: dx is wrong in training only
-    (planted / "backward.cu").write_text(src.replace(bug, "k.mean_dy = load(sums + c);"))
+    (planted / "backward.cu").write_text(
+        src.replace(bug, "k.mean_dy = (partials ? s.dy : load(sums + c));"))
     proc, data = run_check(tmp_path, {"IABN_KERNEL_DIR": str(planted)})
     assert proc.returncode == 1
     failed = [c for c in data["cases"] if not c["passed"]]

@@ -1,12 +1,13 @@
 """Backend selection: CuPy arrays run on `cuda`; NumPy arrays on `numpy` (default) or
-`emulator`; the environment variable IABN_BACKEND sets the NumPy default."""
+`emulator`; the environment variable IABN_BACKEND sets the NumPy default. `null` (NumPy
+arrays) is a measuring tool: the cuda path's host work with no-op launches (backends/null.py)."""
 from __future__ import annotations
 
 import os
 
 from .. import arrays
 
-NUMPY_BACKENDS = ("numpy", "emulator")
+NUMPY_BACKENDS = ("numpy", "emulator", "null")
 _instances: dict[str, object] = {}
 
 
@@ -23,13 +24,19 @@ def get(name: str):
             from .kernel_backend import KernelBackend
 
             b = KernelBackend(EmulatorRuntime())
+        elif name == "null":
+            from .kernel_backend import KernelBackend
+            from .null import NullRuntime
+
+            b = KernelBackend(NullRuntime())
         elif name == "cuda":
             from .cuda import CudaRuntime
             from .kernel_backend import KernelBackend
 
             b = KernelBackend(CudaRuntime())
         else:
-            raise ValueError(f"backend must be 'cuda', 'numpy' or 'emulator', got {name!r}")
+            raise ValueError(f"backend must be 'cuda', 'numpy', 'emulator' or 'null', got "
+                             f"{name!r}")
         _instances[name] = b
     return b
 
@@ -53,5 +60,6 @@ def select(x, requested: str | None):
         raise ValueError("backend='cuda' needs CuPy arrays on a GPU; move the arrays with "
                          "cupy.asarray(...) or choose backend='numpy' / 'emulator'")
     if name not in NUMPY_BACKENDS:
-        raise ValueError(f"backend must be 'cuda', 'numpy' or 'emulator', got {name!r}")
+        raise ValueError(f"backend must be 'cuda', 'numpy', 'emulator' or 'null', got "
+                         f"{name!r}")
     return get(name)

@@ -14,7 +14,7 @@ A piece with count 0 drops out of every merge.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 STATS_ROWS = 4  # count, mean, var, invstd
@@ -38,6 +38,10 @@ class Problem:
     eps: float
     has_weight: bool
     has_bias: bool
+    # What backends derive from the problem alone (plans per vector width, kernel handles,
+    # packed scalar arguments), filled on first use. No part of equality or hashing: the
+    # signature cache (iabn_core.signature) keeps a Problem per call signature, and with it this.
+    memo: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def count(self) -> int:
@@ -50,7 +54,8 @@ class Backend(Protocol):
 
     Arrays are the backend's own array type. x3/z3/dz3 are the 3-D views described above;
     weight/bias/running_* are 1-D (C,) arrays of the parameter dtype or None.
-    No stage synchronises with the host.
+    No stage synchronises with the host. Besides the stages below, every backend has
+    `forward_all` and `backward_all` (see Composites), the unsynchronised sequences.
     """
 
     name: str
@@ -90,3 +95,33 @@ class Backend(Protocol):
         """dx3 <- dx (dx3 defaults to dz3: in place). Training uses sums and stats' count row;
         eval ignores sums. dx3 is dz3 itself or a buffer that overlaps neither z3 nor dz3.
         With a residual, also dresidual3 <- dy (a buffer that overlaps nothing else)."""
+
+
+class Composites:
+    """`forward_all` / `backward_all`: the unsynchronised stage sequences as one call each, so
+    a backend may share one workspace between the stages (KernelBackend overrides them).
+    Synchronized BN runs the stages one by one, with its exchanges in between."""
+
+    def forward_all(self, prob: Problem, x3, running_mean, running_var, momentum, training,
+                    weight, bias, residual3=None):
+        """Stats (4, C); x3 <- z in place (when it holds any value)."""
+        if training:
+            partials = self.batch_stats(prob, x3)
+            stats = self.finalize(prob, partials, running_mean, running_var, momentum, True)
+        else:
+            stats = self.finalize(prob, None, running_mean, running_var, momentum, False)
+        if prob.count:
+            self.forward(prob, x3, stats, weight, bias, residual3)
+        return stats
+
+    def backward_all(self, prob: Problem, z3, dz3, stats, weight, bias, training, dx3=None,
+                     residual3=None, dresidual3=None):
+        """(dweight, dbias), None where absent; dx3 (default dz3) <- dx, dresidual3 <- dy."""
+        sums = dweight = dbias = None
+        if training or prob.has_weight or prob.has_bias:
+            partials = self.backward_reduce(prob, z3, dz3, stats, weight, bias, residual3)
+            sums, dweight, dbias = self.backward_finalize(prob, partials, weight, bias)
+        if prob.count:
+            self.backward_elementwise(prob, z3, dz3, stats, sums, weight, bias, training, dx3,
+                                      residual3, dresidual3)
+        return dweight, dbias

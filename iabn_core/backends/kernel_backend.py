@@ -1,24 +1,60 @@
-"""The backend that runs the CUDA kernels, shared by the GPU (CuPy) and the CPU emulator.
+"""The backend that runs the CUDA kernels, shared by the GPU (CuPy), the CPU emulator and the
+`null` measuring runtime.
 
 Everything but the engine is common: picking the instantiation, planning the grid, allocating
 the small per-channel buffers and marshalling arguments. A `Runtime` supplies the engine:
   function(spec, name) -> launchable kernel   (called as k(grid, block, args))
   empty(shape, dtype_name) -> array           (uninitialised; every kernel writes all it reads)
   sm_count, ptr(array), null (the value passed for a null pointer)
+
+Per call, only what depends on the buffers is worked out: the vector width (from the data
+pointers' alignment) and the argument tuples. The optional residual (and its gradient) is a
+null pointer when absent: the same instantiations serve both forms, with a block-uniform
+branch in the loop body. Kernel handles, grids and the packed scalar
+arguments are derived once per Problem and kept in `prob.memo` (see iabn_core.signature).
 """
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import numpy as np
 
 from .. import instantiations as inst
 from .. import plan as planning
 from ..dtypes import find_pair, numpy_dtype
-from .base import PARTIAL_ROWS, STATS_ROWS, SUM_ROWS, Problem
+from .base import PARTIAL_ROWS, STATS_ROWS, SUM_ROWS, Composites, Problem
 
-MODE_MERGE, MODE_TRAIN, MODE_EVAL = 0, 1, 2  # FinalizeMode in kernels/stats.cu
+MODE_MERGE, MODE_TRAIN, MODE_EVAL = 0, 1, 2  # FinalizeMode in kernels/finalize.cuh
+_MODE = (np.int32(MODE_MERGE), np.int32(MODE_TRAIN), np.int32(MODE_EVAL))
+_FLAG = (np.int32(0), np.int32(1))
+
+# kernel file and instantiation-name builder of each grid-stride stage
+_STAGES = {
+    "batch_stats": ("stats.cu", lambda p, prob, v: inst.batch_stats(p, prob.layout, v)),
+    "forward": ("forward.cu", lambda p, prob, v: inst.forward(p, prob.activation, prob.layout, v)),
+    "backward_reduce": ("backward.cu", lambda p, prob, v: inst.backward_reduce(
+        p, prob.activation, prob.layout, v)),
+    "backward_elementwise": ("backward.cu", lambda p, prob, v: inst.backward_elementwise(
+        p, prob.activation, prob.layout, v)),
+}
 
 
-class KernelBackend:
+class Recipe(NamedTuple):
+    """A launch minus its buffers: kernel, grid, block, and the packed scalar arguments that
+    come before (`scalars`) and after (`shape`: N, C, S, seg) the per-call ones; `count` is
+    N * S in the accumulator dtype (the eval count the finalize step takes)."""
+
+    fn: object
+    grid: tuple
+    block: tuple
+    scalars: tuple
+    shape: tuple
+    g: int
+    count: object = None
+
+
+class KernelBackend(Composites):
     def __init__(self, runtime):
         self.rt = runtime
         self.name = runtime.name
@@ -26,104 +62,228 @@ class KernelBackend:
 
     def prepare(self, prob: Problem, filenames) -> None:
         """Compile/load the modules a call will use, before it writes anything."""
+        key = (self, "prepared", tuple(filenames))
+        if key in prob.memo:
+            return
         pair = self._pair(prob)
         for f in filenames:
             spec = inst.module_for(f, pair)
             self.rt.function(spec, spec.names[0])
+        prob.memo[key] = True
 
-    # -- helpers ---------------------------------------------------------------------------
-    def _launch(self, prob: Problem, filename: str, name: str, grid, block, args):
-        fn = self.rt.function(inst.module_for(filename, self._pair(prob)), name)
-        self.launches += 1
-        fn(grid, block, tuple(self.rt.null if a is None else a for a in args))
+    # -- what is derived once per problem --------------------------------------------------
+    def _pair(self, prob: Problem):
+        return find_pair(prob.x_dtype, prob.param_dtype)
 
     def _acc(self, prob: Problem, v: float):
         return numpy_dtype(prob.acc_dtype).type(v)
 
-    def _plan(self, prob: Problem, *arrays) -> planning.Plan:
-        vec = planning.choose_vec(prob, [self.rt.ptr(a) for a in arrays])
-        return planning.elementwise(prob, vec, self.rt.sm_count)
+    def _recipe(self, prob: Problem, stage: str, vec: int) -> Recipe:
+        key = (self, stage, vec)
+        r = prob.memo.get(key)
+        if r is None:
+            filename, name_of = _STAGES[stage]
+            pair = self._pair(prob)
+            plan = planning.elementwise(prob, vec, self.rt.sm_count)
+            fn = self.rt.function(inst.module_for(filename, pair), name_of(pair, prob, vec))
+            scalars = () if stage == "batch_stats" else (
+                self._acc(prob, prob.eps), self._acc(prob, prob.activation_param))
+            i64 = np.int64
+            shape = (i64(prob.n), i64(prob.c), i64(prob.s), i64(plan.seg))
+            r = prob.memo[key] = Recipe(fn, plan.grid, plan.block, scalars, shape, plan.g,
+                                        self._acc(prob, prob.count))
+        return r
 
-    def _shape_args(self, prob: Problem, plan: planning.Plan):
-        i64 = np.int64
-        return (i64(prob.n), i64(prob.c), i64(prob.s), i64(plan.seg))
+    def _per_channel(self, prob: Problem, filename: str, name_of) -> Recipe:
+        """Recipe of a one-thread-per-channel finalize kernel."""
+        key = (self, filename, "per_channel")
+        r = prob.memo.get(key)
+        if r is None:
+            pair = self._pair(prob)
+            grid, block = planning.per_channel(prob.c)
+            fn = self.rt.function(inst.module_for(filename, pair), name_of(pair))
+            scalars = (self._acc(prob, prob.eps), self._acc(prob, prob.count))
+            r = prob.memo[key] = Recipe(fn, grid, block, scalars, (np.int64(prob.c),), 1)
+        return r
 
-    def _pair(self, prob: Problem):
-        return find_pair(prob.x_dtype, prob.param_dtype)
+    def _widest(self, prob: Problem) -> int:
+        """The vector width the problem's inner extent allows; pointers may still force 1."""
+        key = (self, "vec")
+        v = prob.memo.get(key)
+        if v is None:
+            v = planning.choose_vec(prob, ())
+            prob.memo[key] = v
+        return v
 
-    # -- statistics --------------------------------------------------------------------------
-    def batch_stats(self, prob: Problem, x3):
-        plan = self._plan(prob, x3)
-        partials = self.rt.empty((plan.g, PARTIAL_ROWS, prob.c), prob.acc_dtype)
-        name = inst.batch_stats(self._pair(prob), prob.layout, plan.vec)
-        self._launch(prob, "stats.cu", name, plan.grid, plan.block,
-                     (x3, partials) + self._shape_args(prob, plan))
-        return partials
+    # -- per call ---------------------------------------------------------------------------
+    def _vec(self, prob: Problem, *arrays) -> int:
+        """planning.choose_vec, with the pointer-independent half memoized; None entries (an
+        absent residual) are skipped."""
+        v = self._widest(prob)
+        if v > 1:
+            ptr = self.rt.ptr
+            for a in arrays:
+                if a is not None and ptr(a) % inst.VECTOR_BYTES:
+                    return 1
+        return v
 
-    def _finalize(self, prob, partials, rows, running_mean, running_var, momentum, mode, count):
-        out = self.rt.empty((rows, prob.c), prob.acc_dtype)
-        grid, block = planning.per_channel(prob.c)
-        r = 0 if partials is None else partials.shape[0]
-        # Eval only reads the running stats, through the kernel's const pointers, so read-only
-        # running stats are fine there (the same rule validate applies for every backend).
-        read = (running_mean, running_var) if mode == MODE_EVAL else (None, None)
-        update = (None, None) if mode == MODE_EVAL else (running_mean, running_var)
-        self._launch(prob, "stats.cu", inst.stats_finalize(self._pair(prob)), grid, block,
-                     (partials, np.int64(r), np.int64(prob.c), out) + read + update + (
-                      self._acc(prob, momentum), self._acc(prob, prob.eps), self._acc(prob, count),
-                      np.int32(mode)))
+    def _run(self, r: Recipe, args) -> None:
+        self.launches += 1
+        r.fn(r.grid, r.block, args)
+
+    def _opt(self, a):
+        return self.rt.null if a is None else a
+
+    def _acc_empty(self, prob: Problem, *rows):
+        """One allocation of the accumulator dtype, cut into (r, C) / (r, g, C)-shaped pieces
+        (each piece a tuple of leading dims), in order."""
+        c = prob.c
+        sizes = [math.prod(r) * c for r in rows]
+        ws = self.rt.empty((sum(sizes),), prob.acc_dtype)
+        out, o = [], 0
+        for r, n in zip(rows, sizes):
+            out.append(ws[o:o + n].reshape(r + (c,)))
+            o += n
         return out
 
-    def merge_stats(self, prob: Problem, partials):
-        return self._finalize(prob, partials, PARTIAL_ROWS, None, None, 0.0, MODE_MERGE, 0)
+    # -- statistics --------------------------------------------------------------------------
+    def _batch_stats_into(self, prob: Problem, r: Recipe, x3, partials):
+        self._run(r, (x3, partials) + r.shape)
 
-    def finalize(self, prob: Problem, partials, running_mean, running_var, momentum, training):
-        mode = MODE_TRAIN if training else MODE_EVAL
-        return self._finalize(prob, partials, STATS_ROWS, running_mean, running_var, momentum,
-                              mode, prob.count)
-
-    # -- forward / backward ------------------------------------------------------------------
-    # The optional residual (and its gradient) is a null pointer when absent: the same
-    # instantiations serve both forms, with a block-uniform branch in the loop body.
-    def forward(self, prob: Problem, x3, stats, weight, bias, residual3=None):
-        plan = self._plan(prob, x3, *_present(residual3))
-        name = inst.forward(self._pair(prob), prob.activation, prob.layout, plan.vec)
-        self._launch(prob, "forward.cu", name, plan.grid, plan.block,
-                     (x3, stats, weight, bias, self._acc(prob, prob.eps),
-                      self._acc(prob, prob.activation_param)) + self._shape_args(prob, plan)
-                     + (residual3,))
-
-    def backward_reduce(self, prob: Problem, z3, dz3, stats, weight, bias, residual3=None):
-        plan = self._plan(prob, z3, dz3, *_present(residual3))
-        partials = self.rt.empty((plan.g, SUM_ROWS, prob.c), prob.acc_dtype)
-        name = inst.backward_reduce(self._pair(prob), prob.activation, prob.layout, plan.vec)
-        self._launch(prob, "backward.cu", name, plan.grid, plan.block,
-                     (z3, dz3, partials, weight, bias, self._acc(prob, prob.eps),
-                      self._acc(prob, prob.activation_param)) + self._shape_args(prob, plan)
-                     + (residual3,))
+    def batch_stats(self, prob: Problem, x3):
+        r = self._recipe(prob, "batch_stats", self._vec(prob, x3))
+        (partials,) = self._acc_empty(prob, (r.g, PARTIAL_ROWS))
+        self._batch_stats_into(prob, r, x3, partials)
         return partials
 
-    def backward_finalize(self, prob: Problem, partial_sums, weight, bias):
-        sums = self.rt.empty((SUM_ROWS, prob.c), prob.acc_dtype)
+    def _finalize_into(self, prob, out, partials, running_mean, running_var, momentum, mode):
+        r = self._per_channel(prob, "stats.cu", inst.stats_finalize)
+        nrows = 0 if partials is None else partials.shape[0]
+        # Eval only reads the running stats, through the kernel's const pointers, so read-only
+        # running stats are fine there (the same rule validate applies for every backend).
+        rm, rv = self._opt(running_mean), self._opt(running_var)
+        nz = self.rt.null
+        read, update = ((rm, rv), (nz, nz)) if mode == MODE_EVAL else ((nz, nz), (rm, rv))
+        self._run(r, (self._opt(partials), np.int64(nrows)) + r.shape + (out,) + read + update
+                  + (self._acc(prob, momentum),) + r.scalars + (_MODE[mode],))
+
+    def merge_stats(self, prob: Problem, partials):
+        (out,) = self._acc_empty(prob, (PARTIAL_ROWS,))
+        self._finalize_into(prob, out, partials, None, None, 0.0, MODE_MERGE)
+        return out
+
+    def finalize(self, prob: Problem, partials, running_mean, running_var, momentum, training):
+        (out,) = self._acc_empty(prob, (STATS_ROWS,))
+        self._finalize_into(prob, out, partials, running_mean, running_var, momentum,
+                            MODE_TRAIN if training else MODE_EVAL)
+        return out
+
+    # -- forward / backward ------------------------------------------------------------------
+    def _forward_with(self, prob, vec, x3, stats, weight, bias, residual3=None, mode=MODE_MERGE,
+                      partials=None, running_mean=None, running_var=None, momentum=0.0):
+        """mode MODE_MERGE: stats given; MODE_TRAIN / MODE_EVAL: the kernel finalizes the
+        stats itself from the partials / the running stats (kernels/forward.cu)."""
+        r = self._recipe(prob, "forward", vec)
+        nz = self.rt.null
+        rm, rv = self._opt(running_mean), self._opt(running_var)
+        read, update = ((rm, rv), (nz, nz)) if mode == MODE_EVAL else ((nz, nz), (rm, rv))
+        nrows = 0 if partials is None else partials.shape[0]
+        self._run(r, (x3, stats, self._opt(weight), self._opt(bias)) + r.scalars + r.shape
+                  + (self._opt(residual3), self._opt(partials), np.int64(nrows)) + read + update
+                  + (self._acc(prob, momentum), r.count, _MODE[mode]))
+
+    def forward(self, prob: Problem, x3, stats, weight, bias, residual3=None):
+        self._forward_with(prob, self._vec(prob, x3, residual3), x3, stats, weight, bias,
+                           residual3)
+
+    def forward_all(self, prob: Problem, x3, running_mean, running_var, momentum, training,
+                    weight, bias, residual3=None):
+        """The unsynchronised forward: 2 launches in training (batch_stats, then forward
+        finalizing for itself), 1 in eval, and one workspace allocation: the returned stats
+        and, behind them, the block partials (G x 3 x C accumulators, a few KiB at most, which
+        stay allocated as long as the stats do)."""
+        if not prob.count:  # nothing for the forward kernel to run over: finalize alone
+            return Composites.forward_all(self, prob, x3, running_mean, running_var, momentum,
+                                          training, weight, bias, residual3)
+        vec = self._vec(prob, x3, residual3)  # batch_stats reads x alone: its width may differ
+        vec_stats = vec if vec > 1 or residual3 is None else self._vec(prob, x3)
+        if training:
+            r = self._recipe(prob, "batch_stats", vec_stats)
+            stats, partials = self._acc_empty(prob, (STATS_ROWS,), (r.g, PARTIAL_ROWS))
+            self._batch_stats_into(prob, r, x3, partials)
+            self._forward_with(prob, vec, x3, stats, weight, bias, residual3, MODE_TRAIN,
+                               partials, running_mean, running_var, momentum)
+        else:
+            (stats,) = self._acc_empty(prob, (STATS_ROWS,))
+            self._forward_with(prob, vec, x3, stats, weight, bias, residual3, MODE_EVAL, None,
+                               running_mean, running_var)
+        return stats
+
+    def _reduce_into(self, prob, r, z3, dz3, partials, weight, bias, residual3=None):
+        self._run(r, (z3, dz3, partials, self._opt(weight), self._opt(bias)) + r.scalars
+                  + r.shape + (self._opt(residual3),))
+
+    def backward_reduce(self, prob: Problem, z3, dz3, stats, weight, bias, residual3=None):
+        r = self._recipe(prob, "backward_reduce", self._vec(prob, z3, dz3, residual3))
+        (partials,) = self._acc_empty(prob, (r.g, SUM_ROWS))
+        self._reduce_into(prob, r, z3, dz3, partials, weight, bias, residual3)
+        return partials
+
+    def _param_grads(self, prob: Problem):
+        """dweight and dbias (None when absent): outputs the caller keeps, each its own
+        allocation so that neither keeps the other (or a workspace) alive."""
         dweight = self.rt.empty((prob.c,), prob.param_dtype) if prob.has_weight else None
         dbias = self.rt.empty((prob.c,), prob.param_dtype) if prob.has_bias else None
-        grid, block = planning.per_channel(prob.c)
-        self._launch(prob, "backward.cu", inst.backward_finalize(self._pair(prob)), grid, block,
-                     (partial_sums, np.int64(partial_sums.shape[0]), np.int64(prob.c), sums,
-                      weight, dweight, dbias))
+        return dweight, dbias
+
+    def _backward_finalize_into(self, prob, partial_sums, sums, weight, dweight, dbias):
+        r = self._per_channel(prob, "backward.cu", inst.backward_finalize)
+        self._run(r, (partial_sums, np.int64(partial_sums.shape[0])) + r.shape
+                  + (sums, self._opt(weight), self._opt(dweight), self._opt(dbias)))
+
+    def backward_finalize(self, prob: Problem, partial_sums, weight, bias):
+        (sums,) = self._acc_empty(prob, (SUM_ROWS,))
+        dweight, dbias = self._param_grads(prob)
+        self._backward_finalize_into(prob, partial_sums, sums, weight, dweight, dbias)
         return sums, dweight, dbias
+
+    def _elementwise_with(self, prob, vec, z3, dz3, dx3, stats, sums, weight, bias, training,
+                          residual3=None, dresidual3=None, partials=None, dweight=None,
+                          dbias=None):
+        """With `partials`, the kernel sums them itself (instead of reading `sums`) and stores
+        dweight/dbias (kernels/backward.cu)."""
+        r = self._recipe(prob, "backward_elementwise", vec)
+        nrows = 0 if partials is None else partials.shape[0]
+        self._run(r, (z3, dz3, dx3, stats, self._opt(sums), self._opt(weight), self._opt(bias))
+                  + r.scalars + (_FLAG[1 if training else 0],) + r.shape
+                  + (self._opt(residual3), self._opt(dresidual3), self._opt(partials),
+                     np.int64(nrows), self._opt(dweight), self._opt(dbias)))
 
     def backward_elementwise(self, prob: Problem, z3, dz3, stats, sums, weight, bias, training,
                              dx3=None, residual3=None, dresidual3=None):
         dx3 = dz3 if dx3 is None else dx3
-        plan = self._plan(prob, z3, dz3, dx3, *_present(residual3, dresidual3))
-        name = inst.backward_elementwise(self._pair(prob), prob.activation, prob.layout, plan.vec)
-        self._launch(prob, "backward.cu", name, plan.grid, plan.block,
-                     (z3, dz3, dx3, stats, sums, weight, bias, self._acc(prob, prob.eps),
-                      self._acc(prob, prob.activation_param), np.int32(1 if training else 0))
-                     + self._shape_args(prob, plan) + (residual3, dresidual3))
+        vec = self._vec(prob, z3, dz3, dx3, residual3, dresidual3)
+        self._elementwise_with(prob, vec, z3, dz3, dx3, stats, sums, weight, bias, training,
+                               residual3, dresidual3)
 
-
-def _present(*arrays):
-    """The given arrays that are not None (their alignment decides the vector width too)."""
-    return tuple(a for a in arrays if a is not None)
+    def backward_all(self, prob: Problem, z3, dz3, stats, weight, bias, training, dx3=None,
+                     residual3=None, dresidual3=None):
+        """The unsynchronised backward: the reduction, then the elementwise kernel summing its
+        partials itself and storing dweight/dbias (2 launches; 1 in eval without parameters),
+        with one workspace allocation (the partials) besides the parameter gradients."""
+        dx3 = dz3 if dx3 is None else dx3
+        if not prob.count:
+            return Composites.backward_all(self, prob, z3, dz3, stats, weight, bias, training,
+                                           dx3, residual3, dresidual3)
+        # the reduction's width; dx3 and the residual's gradient may narrow the other's
+        vec = self._vec(prob, z3, dz3, residual3)
+        vec_ew = vec if vec == 1 else self._vec(prob, None if dx3 is dz3 else dx3, dresidual3)
+        partials = dweight = dbias = None
+        if training or prob.has_weight or prob.has_bias:
+            r = self._recipe(prob, "backward_reduce", vec)
+            (partials,) = self._acc_empty(prob, (r.g, SUM_ROWS))
+            self._reduce_into(prob, r, z3, dz3, partials, weight, bias, residual3)
+            dweight, dbias = self._param_grads(prob)
+        self._elementwise_with(prob, vec_ew, z3, dz3, dx3, stats, None, weight, bias, training,
+                               residual3, dresidual3, partials, dweight, dbias)
+        return dweight, dbias

@@ -20,6 +20,8 @@ from ..reference import ELU_INVERSE_FLOOR
 from iabn_core.dtypes import numpy_dtype
 from iabn_core.merge import merge_partials
 
+from .base import Composites
+
 # Bound float64 temporaries to ~32 MiB each by processing this many elements per chunk.
 _CHUNK_ELEMS = 1 << 22
 # Same floor as the reference: log1p stays finite in float64 for z/p at or below -1.
@@ -104,7 +106,7 @@ def _act_inverse_and_slope(prob, z):
     return y, slope
 
 
-class NumpyBackend:
+class NumpyBackend(Composites):
     """Reference-quality CPU backend; every stage computes in float64."""
 
     name = "numpy"
