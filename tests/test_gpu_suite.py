@@ -297,9 +297,10 @@ def test_driver_catches_a_planted_wrong_kernel(tmp_path):
     planted = tmp_path / "kernels"
     shutil.copytree(kernel_dir(), planted)
     src = (planted / "backward.cu").read_text()
-    bug = "k.mean_dy = load(sums + c) * inv_m;"  # the same plant as tests/test_check.py
+    bug = "k.mean_dy = (partials ? s.dy : load(sums + c)) * inv_m;"  # as in tests/test_check.py
     assert bug in src
-    (planted / "backward.cu").write_text(src.replace(bug, "k.mean_dy = load(sums + c);"))
+    (planted / "backward.cu").write_text(
+        src.replace(bug, "k.mean_dy = (partials ? s.dy : load(sums + c));"))
     proc = subprocess.run([PY, "-m", "benchmarks.sanitizer_driver", "--backend", "emulator",
                            "--json", str(tmp_path / "d.json")], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env=dict(os.environ,
