@@ -26,21 +26,26 @@ def test_every_stage_matches_reference(backend, case):
     assert result.passed, report(result)
 
 
-def test_a_planted_kernel_bug_is_caught(monkeypatch):
-    """The comparison can fail: a sign flip of the bias in the real forward kernel is found."""
+def _plant(monkeypatch, filename, good, bad):
+    """Make the emulator compile `filename` with the text `good` replaced by `bad`."""
     from iabn_core import source
 
     original = source.assembled
 
-    def planted(filename):
-        src = original(filename)
-        if filename == "forward.cu":
-            assert "* cf.scale + cf.shift" in src
-            src = src.replace("* cf.scale + cf.shift", "* cf.scale - cf.shift")
+    def planted(name):
+        src = original(name)
+        if name == filename:
+            assert good in src
+            src = src.replace(good, bad)
         return src
 
     monkeypatch.setattr("iabn_core.backends.emulator.assembled", planted)
     monkeypatch.setattr(backends, "_instances", {})
+
+
+def test_a_planted_kernel_bug_is_caught(monkeypatch):
+    """The comparison can fail: a sign flip of the bias in the real forward kernel is found."""
+    _plant(monkeypatch, "forward.cu", "* cf.scale + cf.shift", "* cf.scale - cf.shift")
     case = verify.Case(PAIRS[0], "ncs", "identity", True, (2, 3, 8))
     result = verify.run_case(case, "emulator")
     failed = {c.stage for c in result.checks if not c.passed}
@@ -301,19 +306,8 @@ def test_residual_every_stage_matches_reference(backend, case):
 
 def test_a_planted_residual_bug_is_caught(monkeypatch):
     """The residual checks can fail: dropping r from the backward's xhat is found."""
-    from iabn_core import source
-
-    original = source.assembled
-
-    def planted(filename):
-        src = original(filename)
-        if filename == "backward.cu":
-            assert "Act::inverse(z, p) - r - a.shift" in src
-            src = src.replace("Act::inverse(z, p) - r - a.shift", "Act::inverse(z, p) - a.shift")
-        return src
-
-    monkeypatch.setattr("iabn_core.backends.emulator.assembled", planted)
-    monkeypatch.setattr(backends, "_instances", {})
+    _plant(monkeypatch, "backward.cu", "Act::inverse(z, p) - r - a.shift",
+           "Act::inverse(z, p) - a.shift")
     case = verify.Case(PAIRS[0], "ncs", "identity", True, (2, 3, 8), residual=True)
     failed = {c.stage for c in verify.run_case(case, "emulator").checks if not c.passed}
     assert {"sum_dy_xhat", "backward dx"} <= failed
