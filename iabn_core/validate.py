@@ -264,8 +264,9 @@ def backward_buffer_checks(ctx, z, dz, out=None, span=None) -> None:
     ptrs = [arrays.data_ptr(a) for _, a in named]
     for (name, a), p in zip(named, ptrs):
         _aligned(name, a, p)
-    if not arrays.writeable(dz):
-        _fail("dz is read-only; backward writes dx into dz's buffer")
+    if out is None and not arrays.writeable(dz):  # with out=, dz is only read
+        _fail("dz is read-only; backward writes dx into dz's buffer (pass out= to write "
+              "dx elsewhere)")
     ext = _extents(named, ptrs, None if span is None else [span] * len(named))
     if out is None and _overlap(ext[0], ext[1]):
         _fail("z and dz share memory; backward writes dx over dz while reading z "
