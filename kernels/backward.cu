@@ -160,7 +160,9 @@ iabn_backward_elementwise(const T* __restrict__ z, const T* dz, T* dx, const iab
       Acc dy, xhat;
       recover<Act>(to_acc<Acc>(zv.v[k]), to_acc<Acc>(gv.v[k]), r, aff[s], act_param, dy, xhat);
       const BackwardCoef<Acc>& a = aff[s];
-      gv.v[k] = Cast<T>::from(a.scale * (dy - a.mean_dy - xhat * a.mean_dy_xhat));
+      // Eval leaves xhat out (dx = scale * dy): xhat * 0 would turn an Inf or NaN z into a
+      // NaN dx where the NumPy backend and the reference give a finite one.
+      gv.v[k] = Cast<T>::from(a.scale * (training ? dy - a.mean_dy - xhat * a.mean_dy_xhat : dy));
       if (residual) rv.v[k] = Cast<T>::from(dy);
     }
     store_vec<VEC>(dx + off, gv);

@@ -48,3 +48,38 @@ def test_backward_with_out_only_reads_dz_so_a_read_only_dz_is_accepted(backend, 
     # without out=, dx goes over dz: a read-only dz is still refused
     with pytest.raises(IABNError, match="^dz is read-only"):
         ops.backward(ctx, x, dz)
+
+
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+@pytest.mark.parametrize("value", [np.inf, np.nan])
+@pytest.mark.parametrize("residual", [False, True])
+def test_eval_backward_dx_does_not_depend_on_xhat(layout, value, residual):
+    """Eval: dx = gamma * invstd * dy (the statistics are constants; reference.input_grad).
+    The kernel computed scale * (dy - 0 - xhat * 0), so a non-finite z (from an Inf or NaN in
+    x) gave dx = NaN where the NumPy backend and the reference give the finite k * dy."""
+    shape, c = (3, 4, 8), 4
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=shape).astype(np.float32)
+    r = rng.normal(size=shape).astype(np.float32) if residual else None
+    dz = rng.normal(size=shape).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    b, rm = rng.normal(size=c).astype(np.float32), rng.normal(size=c).astype(np.float32)
+    rv = rng.uniform(0.5, 2, c).astype(np.float32)
+    x[1, 2, 3] = value
+    if layout == "nsc":
+        x, dz = (np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1) for a in (x, dz))
+        r = None if r is None else np.moveaxis(np.ascontiguousarray(np.moveaxis(r, 1, -1)), -1, 1)
+    got = {}
+    for be in BACKENDS:
+        xx, d = x.copy(order="K"), dz.copy(order="K")
+        ctx = ops.forward(xx, w, b, rm, rv, training=False, residual=r, backend=be)
+        got[be] = (xx, ops.backward(ctx, xx, d, residual=r)[0], ctx.invstd)
+    z, _, invstd = got["numpy"]
+    want = ref.backward(z.astype(np.float64), dz.astype(np.float64), invstd, 1, w, b,
+                        training=False, eps=1e-5, activation="leaky_relu", param=0.01,
+                        residual=r)["dx"]
+    assert np.isfinite(want).all()  # dx = k * dy: finite although z holds an Inf or NaN
+    for be in BACKENDS:
+        dx = got[be][1]
+        assert np.isfinite(dx).all(), be
+        assert ref.rel_error(dx, want) < 1e-5, be
