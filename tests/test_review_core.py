@@ -83,3 +83,48 @@ def test_eval_backward_dx_does_not_depend_on_xhat(layout, value, residual):
         dx = got[be][1]
         assert np.isfinite(dx).all(), be
         assert ref.rel_error(dx, want) < 1e-5, be
+
+
+def _both(fn):
+    """fn(backend) on the NumPy backend and the emulated kernels."""
+    return {be: fn(be) for be in BACKENDS}
+
+
+@pytest.mark.xfail(strict=True, reason="kernels keep Welford's m2 = count * var in the "
+                   "accumulator dtype: it overflows float32 for finite inputs whose variance "
+                   "still fits (here 2.25e38), and the non-finite rule then makes the channel "
+                   "NaN; the NumPy backend (float64 sums) gives finite statistics and z")
+def test_float32_variance_near_the_range_limit_agrees_between_backends():
+    x0 = (np.array([1, -1] * 4, np.float32) * np.float32(1.5e19)).reshape(2, 1, 4)
+    assert np.var(x0.astype(np.float64)) < np.finfo(np.float32).max  # var is representable
+
+    def run(be):
+        x, rm, rv = x0.copy(), np.zeros(1, np.float32), np.ones(1, np.float32)
+        ctx = ops.forward(x, None, None, rm, rv, backend=be)
+        return np.concatenate([x.ravel(), rm, rv, np.asarray(ctx.var, np.float32)])
+
+    got = _both(run)
+    assert np.array_equal(np.isnan(got["numpy"]), np.isnan(got["emulator"]))
+
+
+@pytest.mark.xfail(strict=True, reason="ELU with a -Inf residual element: z = -alpha; the "
+                   "kernels compute z + alpha with alpha rounded to float32 (0 -> dy = 0, "
+                   "0 * Inf xhat = NaN over the channel's dx and dweight), the NumPy backend "
+                   "with the Python float alpha (1e-8 > 0 -> finite dx, dweight -Inf)")
+def test_elu_with_a_minus_inf_residual_agrees_between_backends():
+    shape, c = (3, 4, 8), 4
+    rng = np.random.default_rng(1)
+    x0, r, dz0 = (rng.normal(size=shape).astype(np.float32) for _ in range(3))
+    w = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    b = rng.normal(size=c).astype(np.float32)
+    r[0, 1, 5] = -np.inf
+
+    def run(be):
+        x, dz = x0.copy(), dz0.copy()
+        ctx = ops.forward(x, w, b, residual=r, activation="elu", activation_param=0.7,
+                          backend=be)
+        dx, dw, db, dr = ops.backward(ctx, x, dz, residual=r)
+        return np.concatenate([a.ravel() for a in (x, dx, dw, db)])
+
+    got = _both(run)
+    assert np.array_equal(np.isnan(got["numpy"]), np.isnan(got["emulator"]))
