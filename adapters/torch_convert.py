@@ -231,7 +231,19 @@ def _graph_module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     gm._modules.update(model._modules)
     for name in ("_parameters", "_buffers"):
         getattr(gm, name).update(getattr(model, name))
-    return gm.train(model.training)
+    # Buffers the model keeps out of its state_dict stay out of it (else checkpoints of the
+    # original miss a key), and the model's own hooks and plain attributes carry over.
+    gm._non_persistent_buffers_set = set(model._non_persistent_buffers_set)
+    own = vars(gm)
+    for name, value in vars(model).items():
+        if "hook" in name and isinstance(value, dict):
+            own[name].update(value)
+        elif "hook" in name or (name not in own and not name.startswith("_")):
+            own[name] = value  # the full-backward-hook flag; e.g. `num_classes`
+    # Only the top-level flag: .train() would also reset submodules that had their own mode
+    # (e.g. a frozen BatchNorm in eval inside a model being trained).
+    gm.training = model.training
+    return gm
 
 
 def convert_model(model: nn.Module, sync: bool = False, group: Optional[Any] = None, *,

@@ -119,6 +119,15 @@ class ABN(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """act(BN(x)), or act(BN(x) + residual) with a residual like x."""
+        if residual is not None and not (isinstance(residual, torch.Tensor)
+                                         and residual.shape == x.shape
+                                         and residual.device == x.device):
+            # Checked before batch_norm updates the running stats, as the in-place modules
+            # do: a residual the add would refuse (or broadcast) must change nothing.
+            what = (f"shape {tuple(residual.shape)} on {residual.device}"
+                    if isinstance(residual, torch.Tensor) else f"a {type(residual).__name__}")
+            raise IABNError(f"residual must be a tensor like x (shape {tuple(x.shape)} on "
+                            f"{x.device}), got {what}")
         momentum, training, counts = self._momentum_and_training()
         running_mean, running_var = self._running_stats()
         y = F.batch_norm(x, running_mean, running_var, self.weight, self.bias, training,
@@ -245,6 +254,8 @@ def from_batchnorm(bn: _BatchNorm, activation: str = "leaky_relu",
     cls = InPlaceABNSync if isinstance(bn, nn.SyncBatchNorm) else InPlaceABN
     m = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
             activation, activation_param)
+    if cls is InPlaceABNSync:  # synchronise over the same ranks (None: the default group)
+        m.set_group(bn.process_group)
     like = _first_tensor(bn)
     if like is not None:
         m = m.to(device=like.device, dtype=like.dtype)
@@ -284,6 +295,8 @@ def to_batchnorm(m: ABN, bn_class: Optional[type] = None) -> nn.Sequential:
         raise TypeError(f"to_batchnorm expects an ABN/InPlaceABN module, got {type(m).__name__}")
     bn_class = bn_class or getattr(m, "_bn_class", nn.BatchNorm2d)
     bn = bn_class(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+    if isinstance(bn, nn.SyncBatchNorm):
+        bn.process_group = getattr(m, "group", None)
     like = _first_tensor(m)
     if like is not None:
         bn = bn.to(device=like.device, dtype=like.dtype)
@@ -305,6 +318,9 @@ IN_PLACE_MODULES = (InPlaceABN, InPlaceABNSync)
 def to_sync(m: ABN, group: Optional[Any] = None) -> InPlaceABNSync:
     """The InPlaceABNSync equivalent of an InPlaceABN (same config, state, device, dtype and
     train/eval), synchronising over `group`; an InPlaceABNSync just gets the group."""
+    if not isinstance(m, IN_PLACE_MODULES):  # ABN's weight is the scale, not |w| - eps
+        raise TypeError(f"to_sync expects an InPlaceABN or InPlaceABNSync module, got "
+                        f"{type(m).__name__}")
     if isinstance(m, InPlaceABNSync):
         m.set_group(group)
         return m
