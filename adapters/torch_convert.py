@@ -238,7 +238,8 @@ def _graph_module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     for name, value in vars(model).items():
         if "hook" in name and isinstance(value, dict):
             own[name].update(value)
-        elif "hook" in name or (name not in own and not name.startswith("_")):
+        elif "hook" in name or not (name in own or name.startswith("_")
+                                    or hasattr(type(gm), name)):  # e.g. a patched forward
             own[name] = value  # the full-backward-hook flag; e.g. `num_classes`
     # Only the top-level flag: .train() would also reset submodules that had their own mode
     # (e.g. a frozen BatchNorm in eval inside a model being trained).

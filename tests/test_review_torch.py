@@ -128,3 +128,12 @@ def test_sync_batchnorm_group_carries_over():
     m = it.from_batchnorm(bn)
     assert isinstance(m, it.InPlaceABNSync) and m.group is group
     assert it.to_batchnorm(m)[0].process_group is group
+
+
+def test_graph_module_runs_its_own_forward_not_a_patched_one():
+    """An instance attribute that shadows a GraphModule method (a patched `forward`) must not
+    be carried over: the converted model would run the original model's code."""
+    orig = _Net()
+    orig.forward = lambda x: torch.zeros(())  # noqa: E731 - an instance-level patch
+    conv = _convert(orig)
+    assert conv(torch.randn(2, 3, 5, 5)).shape == (2, 2, 5, 5)
