@@ -137,3 +137,26 @@ def test_graph_module_runs_its_own_forward_not_a_patched_one():
     orig.forward = lambda x: torch.zeros(())  # noqa: E731 - an instance-level patch
     conv = _convert(orig)
     assert conv(torch.randn(2, 3, 5, 5)).shape == (2, 2, 5, 5)
+
+
+class _InputResidual(nn.Module):
+    """act(bn(conv(x)) + x): the residual is the model's float32 input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C), \
+            nn.Conv2d(C, 2, 1)
+
+    def forward(self, x):
+        return self.head(F.leaky_relu(self.bn(self.conv(x)) + x, 0.01))
+
+
+@pytest.mark.xfail(strict=True, raises=IABNError, reason=(
+    "under autocast the fused residual (float32 here) and the BN input (the conv's bfloat16 "
+    "output) differ in dtype: the original add promotes, the fused layer refuses the residual"))
+def test_fused_residual_under_autocast_with_a_float32_residual():
+    orig = _InputResidual()
+    conv = _convert(orig)
+    x = torch.randn(2, C, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        conv(x)
