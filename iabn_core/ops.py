@@ -98,11 +98,9 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
     be.prepare(prob, ("stats.cu", "forward.cu"))
     x3 = view3(x, layout)
     r3 = None if residual is None else view3(residual, layout)
-    if synced:
-        partials = comm.all_gather(be.merge_stats(prob, be.batch_stats(prob, x3)))
-        stats = be.finalize(prob, partials, running_mean, running_var, momentum, True)
-        if prob.count:
-            be.forward(prob, x3, stats, weight, bias, r3)
+    if synced:  # the stages one by one, the all-gather between them
+        stats = Composites.forward_all(be, prob, x3, running_mean, running_var, momentum, True,
+                                       weight, bias, r3, gather=comm.all_gather)
     else:  # the stages as one call: a backend may fuse them and share one workspace
         stats = _composite(be, "forward_all")(prob, x3, running_mean, running_var, momentum,
                                                training, weight, bias, r3)
@@ -144,13 +142,10 @@ def _backward(ctx: Context, z, dz, out, residual=None, residual_out=None):
         if residual_out is None:  # a new output in z's memory order (order="K" keeps it)
             residual_out = arrays.empty_like(z)
         r3, dr3 = view3(residual, ctx.layout), view3(residual_out, ctx.layout)
-    if ctx.comm is not None and ctx.training:
-        partial = be.backward_reduce(prob, z3, dz3, ctx.stats, ctx.weight, ctx.bias, r3)
-        sums, dweight, dbias = be.backward_finalize(prob, partial, ctx.weight, ctx.bias)
-        sums = ctx.comm.all_reduce(sums)
-        if prob.count:
-            be.backward_elementwise(prob, z3, dz3, ctx.stats, sums, ctx.weight, ctx.bias,
-                                    True, dx3, r3, dr3)
+    if ctx.comm is not None and ctx.training:  # the stages one by one, the all-reduce between
+        dweight, dbias = Composites.backward_all(be, prob, z3, dz3, ctx.stats, ctx.weight,
+                                                 ctx.bias, True, dx3, r3, dr3,
+                                                 all_reduce=ctx.comm.all_reduce)
     else:  # the stages as one call: a backend may fuse them and share one workspace
         dweight, dbias = _composite(be, "backward_all")(prob, z3, dz3, ctx.stats, ctx.weight,
                                                         ctx.bias, ctx.training, dx3, r3, dr3)

@@ -98,15 +98,19 @@ class Backend(Protocol):
 
 
 class Composites:
-    """`forward_all` / `backward_all`: the unsynchronised stage sequences as one call each, so
-    a backend may share one workspace between the stages (KernelBackend overrides them).
-    Synchronized BN runs the stages one by one, with its exchanges in between."""
+    """`forward_all` / `backward_all`: the stage sequences as one call each, so a backend may
+    share one workspace between the stages (KernelBackend overrides them for unsynchronised
+    calls). Synchronized BN runs these generic sequences with its exchanges between the
+    stages: `gather` (the merged partials -> every replica's rows, in rank order) and
+    `all_reduce` (the per-channel sums -> summed over replicas)."""
 
     def forward_all(self, prob: Problem, x3, running_mean, running_var, momentum, training,
-                    weight, bias, residual3=None):
+                    weight, bias, residual3=None, gather=None):
         """Stats (4, C); x3 <- z in place (when it holds any value)."""
         if training:
             partials = self.batch_stats(prob, x3)
+            if gather is not None:
+                partials = gather(self.merge_stats(prob, partials))
             stats = self.finalize(prob, partials, running_mean, running_var, momentum, True)
         else:
             stats = self.finalize(prob, None, running_mean, running_var, momentum, False)
@@ -115,12 +119,14 @@ class Composites:
         return stats
 
     def backward_all(self, prob: Problem, z3, dz3, stats, weight, bias, training, dx3=None,
-                     residual3=None, dresidual3=None):
+                     residual3=None, dresidual3=None, all_reduce=None):
         """(dweight, dbias), None where absent; dx3 (default dz3) <- dx, dresidual3 <- dy."""
         sums = dweight = dbias = None
         if training or prob.has_weight or prob.has_bias:
             partials = self.backward_reduce(prob, z3, dz3, stats, weight, bias, residual3)
             sums, dweight, dbias = self.backward_finalize(prob, partials, weight, bias)
+            if all_reduce is not None:
+                sums = all_reduce(sums)
         if prob.count:
             self.backward_elementwise(prob, z3, dz3, stats, sums, weight, bias, training, dx3,
                                       residual3, dresidual3)
