@@ -62,13 +62,15 @@ def from_core(a) -> torch.Tensor:
     return t.view(torch.bfloat16) if bf16 else t
 
 
-def _torch_workspace(shape, dtype_name):
-    """CUDA workspace allocator for the kernel backend: memory comes from torch's caching
-    allocator on the current device (and, during CUDA-graph capture, from the graph's pool),
-    so CuPy's own pool never grows beside torch's."""
-    dev = torch.device("cuda", _cupy().cuda.Device().id)
-    shape = tuple(int(d) for d in shape)  # plans may hand NumPy integers
-    return to_core(torch.empty(shape, dtype=TORCH_DTYPES[dtype_name], device=dev))
+def _torch_workspace(device_of):
+    """A workspace allocator for the kernel backend drawing on torch's allocator on
+    `device_of()`: on CUDA torch's caching allocator on the current device (and, during
+    CUDA-graph capture, the graph's pool), so CuPy's own pool never grows beside torch's."""
+    def workspace(shape, dtype_name):
+        shape = tuple(int(d) for d in shape)  # plans may hand NumPy integers
+        return to_core(torch.empty(shape, dtype=TORCH_DTYPES[dtype_name], device=device_of()))
+
+    return workspace
 
 
 _cuda_backend_instance = None
@@ -83,11 +85,8 @@ def _null_backend():
         from iabn_core.backends.kernel_backend import KernelBackend
         from iabn_core.backends.null import NullRuntime
 
-        def workspace(shape, dtype_name):
-            return to_core(torch.empty(tuple(int(d) for d in shape),
-                                       dtype=TORCH_DTYPES[dtype_name]))
-
-        _null_backend_instance = KernelBackend(NullRuntime(allocator=workspace))
+        cpu = torch.device("cpu")
+        _null_backend_instance = KernelBackend(NullRuntime(allocator=_torch_workspace(lambda: cpu)))
     return _null_backend_instance
 
 
@@ -102,7 +101,8 @@ def _backend_for(t: torch.Tensor):
         from iabn_core.backends.cuda import CudaRuntime
         from iabn_core.backends.kernel_backend import KernelBackend
 
-        _cuda_backend_instance = KernelBackend(CudaRuntime(allocator=_torch_workspace))
+        _cuda_backend_instance = KernelBackend(CudaRuntime(allocator=_torch_workspace(
+            lambda: torch.device("cuda", _cupy().cuda.Device().id))))
     return _cuda_backend_instance
 
 

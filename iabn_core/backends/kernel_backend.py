@@ -147,13 +147,13 @@ class KernelBackend(Composites):
         return out
 
     # -- statistics --------------------------------------------------------------------------
-    def _batch_stats_into(self, prob: Problem, r: Recipe, x3, partials):
+    def _batch_stats_into(self, r: Recipe, x3, partials):
         self._run(r, (x3, partials) + r.shape)
 
     def batch_stats(self, prob: Problem, x3):
         r = self._recipe(prob, "batch_stats", self._vec(prob, x3))
         (partials,) = self._acc_empty(prob, (r.g, PARTIAL_ROWS))
-        self._batch_stats_into(prob, r, x3, partials)
+        self._batch_stats_into(r, x3, partials)
         return partials
 
     def _finalize_into(self, prob, out, partials, running_mean, running_var, momentum, mode):
@@ -210,7 +210,7 @@ class KernelBackend(Composites):
         if training:
             r = self._recipe(prob, "batch_stats", vec_stats)
             stats, partials = self._acc_empty(prob, (STATS_ROWS,), (r.g, PARTIAL_ROWS))
-            self._batch_stats_into(prob, r, x3, partials)
+            self._batch_stats_into(r, x3, partials)
             self._forward_with(prob, vec, x3, stats, weight, bias, residual3, MODE_TRAIN,
                                partials, running_mean, running_var, momentum)
         else:
@@ -219,14 +219,14 @@ class KernelBackend(Composites):
                                running_mean, running_var)
         return stats
 
-    def _reduce_into(self, prob, r, z3, dz3, partials, weight, bias, residual3=None):
+    def _reduce_into(self, r, z3, dz3, partials, weight, bias, residual3=None):
         self._run(r, (z3, dz3, partials, self._opt(weight), self._opt(bias)) + r.scalars
                   + r.shape + (self._opt(residual3),))
 
     def backward_reduce(self, prob: Problem, z3, dz3, stats, weight, bias, residual3=None):
         r = self._recipe(prob, "backward_reduce", self._vec(prob, z3, dz3, residual3))
         (partials,) = self._acc_empty(prob, (r.g, SUM_ROWS))
-        self._reduce_into(prob, r, z3, dz3, partials, weight, bias, residual3)
+        self._reduce_into(r, z3, dz3, partials, weight, bias, residual3)
         return partials
 
     def _param_grads(self, prob: Problem):
@@ -282,7 +282,7 @@ class KernelBackend(Composites):
         if training or prob.has_weight or prob.has_bias:
             r = self._recipe(prob, "backward_reduce", vec)
             (partials,) = self._acc_empty(prob, (r.g, SUM_ROWS))
-            self._reduce_into(prob, r, z3, dz3, partials, weight, bias, residual3)
+            self._reduce_into(r, z3, dz3, partials, weight, bias, residual3)
             dweight, dbias = self._param_grads(prob)
         self._elementwise_with(prob, vec_ew, z3, dz3, dx3, stats, None, weight, bias, training,
                                residual3, dresidual3, partials, dweight, dbias)
