@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import report
-from .cases import Settings, device_slug
+from .cases import Settings, comma_list, device_slug
 
 PARTS = ("counts", "compile", "saved", "speed", "memory", "step", "overhead")
 GPU_PARTS = ("speed", "memory", "step")
@@ -41,7 +41,7 @@ def parse(argv):
     p.add_argument("--cpu-only", action="store_true", help="run only the parts that need no GPU")
     p.add_argument("--tiny", action="store_true", help="shrink every size (CI)")
     p.add_argument("--out", help="output folder (default benchmarks/results/<device>)")
-    p.add_argument("--parts", default=",".join(PARTS),
+    p.add_argument("--parts", default=",".join(PARTS), type=comma_list(PARTS, "parts"),
                    help=f"comma-separated subset of {','.join(PARTS)} (default: all)")
     p.add_argument("--no-compile", action="store_true",
                    help="leave the torch.compile baseline out of the speed part")
@@ -50,12 +50,7 @@ def parse(argv):
     p.add_argument("--time-budget", type=float, metavar="S",
                    help="seconds for all parts: each gets a share and leaves out what would "
                         "not fit (fewer shapes, networks, compiled cases), saying so")
-    args = p.parse_args(argv)
-    args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
-    unknown = set(args.parts) - set(PARTS)
-    if unknown:
-        p.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
-    return args
+    return p.parse_args(argv)
 
 
 def environment(gpu: bool) -> dict:

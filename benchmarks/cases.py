@@ -5,6 +5,7 @@ part at once and a number in one table is always comparable with the same label 
 """
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from dataclasses import dataclass
@@ -179,6 +180,19 @@ def bn_inputs(case: BNCase, device, seed: int = 0) -> dict:
         rm=torch.zeros(c, device=device),
         rv=torch.ones(c, device=device),
     )
+
+
+def comma_list(choices, what: str):
+    """An argparse `type` for a comma-separated subset of `choices` (both CLIs' --parts/--steps);
+    argparse also runs it on a string default, so the parsed value is always a list."""
+    def parse(text: str) -> list[str]:
+        names = [s.strip() for s in text.split(",") if s.strip()]
+        bad = set(names) - set(choices)
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {sorted(bad)}; choose from {', '.join(choices)}")
+        return names
+    return parse
 
 
 def device_slug(name: str) -> str:

@@ -33,7 +33,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from . import gpu_suite_env, gpu_suite_pack
-from .cases import device_slug
+from .cases import comma_list, device_slug
 from .gpu_suite_runner import (FAILED, OUT_OF_TIME, PASSED, SKIPPED, Context, Interrupted,
                                Outcome, Step, Suite, from_command, totals, verdict_markdown)
 
@@ -260,19 +260,14 @@ def parse(argv):
     p.add_argument("--out", help="folder for what comes back (default $OUT, else a temp dir)")
     p.add_argument("--budget", type=float, default=480.0, help="seconds in all (default 480)")
     p.add_argument("--dry-run", action="store_true", help="no GPU: CPU stand-ins, same flow")
-    p.add_argument("--steps", default=",".join(STEP_NAMES),
+    p.add_argument("--steps", default=",".join(STEP_NAMES), type=comma_list(STEP_NAMES, "steps"),
                    help=f"subset of {','.join(STEP_NAMES)} (env always runs)")
     p.add_argument("--work", help="scratch folder (default: a new temp dir)")
     p.add_argument("--cache-dir", help="kernel caches (default $IABN_CACHE_DIR or ~/.cache/iabn)")
     p.add_argument("--unpack", metavar="FILE", help="unpack a results.tar.gz and exit")
     p.add_argument("--dest", default=str(Path(__file__).parent / "results"),
                    help="where --unpack puts <device>/ (default benchmarks/results)")
-    args = p.parse_args(argv)
-    args.steps = [s.strip() for s in args.steps.split(",") if s.strip()]
-    bad = set(args.steps) - set(STEP_NAMES)
-    if bad:
-        p.error(f"unknown steps {sorted(bad)}; choose from {', '.join(STEP_NAMES)}")
-    return args
+    return p.parse_args(argv)
 
 
 class Log:

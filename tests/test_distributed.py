@@ -124,21 +124,32 @@ def test_active_group_with_gloo(gloo3):
 # ------------------------------------------------------------------------------------------
 # In-process ranks: the exact kernels (emulator) and the NumPy backend in the sync path
 # ------------------------------------------------------------------------------------------
+def _channel_params(rng, c):
+    """weight, bias, running mean, running var (positive) for c channels."""
+    w, b = rng.normal(size=c), rng.normal(size=c)
+    return w, b, rng.normal(size=c), rng.uniform(0.5, 2, size=c)
+
+
+def _rank_part(sizes, layout):
+    """part(a, k): rank k's slice of the batch a, always a copy (the op overwrites its input),
+    in the layout under test."""
+    off = np.cumsum([0] + sizes)
+    if layout == "ncs":
+        return lambda a, k: a[off[k]:off[k + 1]].copy()
+    return lambda a, k: a[off[k]:off[k + 1]].transpose(0, 2, 1).copy().transpose(0, 2, 1)
+
+
 def _inprocess(sizes, backend, layout, act, param, training, c=5, s=6, seed=0):
     rng = np.random.default_rng(seed)
     n = sum(sizes)
     x = rng.normal(size=(n, c, s)) * 3 + 2
     dz = rng.normal(size=(n, c, s))
-    w, b = rng.normal(size=c), rng.normal(size=c)
-    rm, rv = rng.normal(size=c), rng.uniform(0.5, 2, size=c)
-    off = np.cumsum([0] + sizes)
-    # Always a copy (the op overwrites its input), in the layout under test.
-    to = (lambda a: a.copy()) if layout == "ncs" else \
-        (lambda a: a.transpose(0, 2, 1).copy().transpose(0, 2, 1))
+    w, b, rm, rv = _channel_params(rng, c)
+    part = _rank_part(sizes, layout)
 
     def rank_fn(comm):
         r = comm.rank
-        xr, dzr = to(x[off[r]:off[r + 1]]), to(dz[off[r]:off[r + 1]])
+        xr, dzr = part(x, r), part(dz, r)
         rmr, rvr = rm.copy(), rv.copy()
         ctx = iabn_arrays.forward(xr, w.copy(), b.copy(), rmr, rvr, training=training,
                                   activation=act, activation_param=param, backend=backend,
@@ -312,15 +323,12 @@ def test_inprocess_residual_matches_reference(backend, layout, training):
     rng = np.random.default_rng(7)
     n = sum(sizes)
     x, dz, r = (rng.normal(size=(n, c, s)) for _ in range(3))
-    w, b = rng.normal(size=c), rng.normal(size=c)
-    rm, rv = rng.normal(size=c), rng.uniform(0.5, 2, size=c)
-    off = np.cumsum([0] + sizes)
-    to = (lambda a: a.copy()) if layout == "ncs" else \
-        (lambda a: a.transpose(0, 2, 1).copy().transpose(0, 2, 1))
+    w, b, rm, rv = _channel_params(rng, c)
+    part = _rank_part(sizes, layout)
 
     def rank_fn(comm):
         k = comm.rank
-        xr, dzr, rr = (to(a[off[k]:off[k + 1]]) for a in (x, dz, r))
+        xr, dzr, rr = (part(a, k) for a in (x, dz, r))
         ctx = iabn_arrays.forward(xr, w.copy(), b.copy(), rm.copy(), rv.copy(),
                                   training=training, activation=act, activation_param=param,
                                   backend=backend, comm=comm, residual=rr)

@@ -50,19 +50,24 @@ def misaligned(shape, dtype):
 
 
 # ------------------------------------------------ 1, 4: byte order and alignment, every array
+def _spoil(args, name, how):
+    """Replace args[name] by an equal array in big-endian order or at a misaligned address;
+    returns the start of the error the call must raise."""
+    good = args[name]
+    if how == "byte_order":
+        args[name] = good.astype(good.dtype.newbyteorder(">"))
+        return rf"^{name} has non-native byte order"
+    args[name] = misaligned(good.shape, good.dtype)
+    args[name][...] = good
+    return rf"^{name} is not aligned"
+
+
 @pytest.mark.parametrize("name", ["x", "weight", "bias", "running_mean", "running_var"])
 @pytest.mark.parametrize("how", ["byte_order", "misaligned"])
 def test_forward_arrays_must_be_native_and_aligned(backend, name, how):
     x, p = make()
     args = dict(p, x=x)
-    good = args[name]
-    if how == "byte_order":
-        args[name] = good.astype(good.dtype.newbyteorder(">"))
-        match = rf"^{name} has non-native byte order"
-    else:
-        args[name] = misaligned(good.shape, good.dtype)
-        args[name][...] = good
-        match = rf"^{name} is not aligned to its 4-byte elements"
+    match = _spoil(args, name, how) + (" to its 4-byte elements" if how == "misaligned" else "")
     raises_unchanged(match, lambda: ops.forward(backend=backend, **args), *args.values())
 
 
@@ -72,14 +77,7 @@ def test_backward_arrays_must_be_native_and_aligned(backend, name, how):
     x, p = make()
     ctx = ops.forward(x, **p, backend=backend)
     args = dict(z=x, dz=np.ones_like(x), out=np.zeros_like(x))
-    good = args[name]
-    if how == "byte_order":
-        args[name] = good.astype(good.dtype.newbyteorder(">"))
-        match = rf"^{name} has non-native byte order"
-    else:
-        args[name] = misaligned(good.shape, good.dtype)
-        args[name][...] = good
-        match = rf"^{name} is not aligned"
+    match = _spoil(args, name, how)
     raises_unchanged(match, lambda: ops.backward(ctx, **args), *args.values(), *p.values())
 
 

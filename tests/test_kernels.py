@@ -74,6 +74,19 @@ def test_bitwise_deterministic(backend, layout):
     assert outs[0] == outs[1]
 
 
+def _per_channel_bytes(case, x, w, b, rm, rv, training):
+    """Bound on the O(C) traffic beside the tensor itself. Per-channel constants are loaded once
+    per block (kernels/layout.cuh channel_constants), partials are one row per block, and each of
+    a channel's G consuming blocks merges its G partials itself: O(C * G^2) bytes (G is small: it
+    only grows where C is small)."""
+    from iabn_core import plan, validate
+
+    prob, _ = validate.problem(x, w, b, rm, rv, training=training, momentum=0.1, eps=1e-5,
+                               activation="leaky_relu", activation_param=0.01)
+    g = plan.elementwise(prob, plan.choose_vec(prob, [x.ctypes.data]), 1).g
+    return (g * g + g + 4) * case.shape[1] * 8 * 8
+
+
 def _emulator_traffic(fn):
     rt = backends.get("emulator").rt
     rt.traffic[:] = [0, 0]
@@ -93,16 +106,7 @@ def test_global_traffic_and_launch_budget(pair, layout, training):
     case = verify.Case(pair, layout, "leaky_relu", training, (4, 8, 16, 16))
     x, dz, w, b, rm, rv = verify.make_inputs(case, seed=1)
     nbytes = x.nbytes
-    # Per-channel constants are loaded once per block (kernels/layout.cuh channel_constants),
-    # partials are one row per block, and each of a channel's G consuming blocks merges its G
-    # partials itself: O(C * G^2) bytes besides the tensor itself (G is small: it only grows
-    # where C is small).
-    from iabn_core import plan, validate
-
-    prob, _ = validate.problem(x, w, b, rm, rv, training=training, momentum=0.1, eps=1e-5,
-                               activation="leaky_relu", activation_param=0.01)
-    g = plan.elementwise(prob, plan.choose_vec(prob, [x.ctypes.data]), 1).g
-    per_channel = (g * g + g + 4) * case.shape[1] * 8 * 8
+    per_channel = _per_channel_bytes(case, x, w, b, rm, rv, training)
     holder = {}
     (ld, st), launches = _emulator_traffic(lambda: holder.setdefault("ctx", ops.forward(
         x, w, b, rm, rv, training=training, backend="emulator")))
@@ -320,16 +324,11 @@ def test_residual_traffic_and_launch_budget(pair, layout, training):
     """With a residual: forward reads r once more (training 2 reads of x + 1 of r + 1 write);
     backward's reduce and elementwise each read z, dz, r (6 reads) and elementwise writes dx
     and dr (2 writes); the launch counts are those of the plain form."""
-    from iabn_core import plan, validate
-
     case = verify.Case(pair, layout, "leaky_relu", training, (4, 8, 16, 16), residual=True)
     x, dz, w, b, rm, rv = verify.make_inputs(case, seed=1)
     r = verify.make_residual(case, seed=2)
     nbytes = x.nbytes
-    prob, _ = validate.problem(x, w, b, rm, rv, training=training, momentum=0.1, eps=1e-5,
-                               activation="leaky_relu", activation_param=0.01)
-    g = plan.elementwise(prob, plan.choose_vec(prob, [x.ctypes.data]), 1).g
-    per_channel = (g * g + g + 4) * case.shape[1] * 8 * 8
+    per_channel = _per_channel_bytes(case, x, w, b, rm, rv, training)
     holder = {}
     (ld, st), launches = _emulator_traffic(lambda: holder.setdefault("ctx", ops.forward(
         x, w, b, rm, rv, training=training, backend="emulator", residual=r)))
