@@ -136,9 +136,13 @@ def channels_last(a: np.ndarray) -> np.ndarray:
 class Host:
     """Moves inputs to the backend's memory and results back (identity for CPU backends)."""
 
-    def __init__(self, backend_name: str):
-        self.gpu = backend_name == "cuda"
-        if self.gpu:
+    def __init__(self, backend_name: str, xp=None):
+        """`xp` stands in for CuPy (tests give a module whose arrays are copies in another
+        class), so the device round trip runs on a CPU too."""
+        self.gpu = backend_name == "cuda" or xp is not None
+        if xp is not None:
+            self.cp = xp
+        elif self.gpu:
             from .backends.cuda import import_cupy
 
             self.cp = import_cupy()
@@ -152,11 +156,13 @@ class Host:
         return self.cp.asarray(a)
 
     def get(self, a) -> np.ndarray:
-        """float64 copy in logical (C) order, whatever the memory layout."""
+        """float64 copy in logical (C) order, whatever the memory layout and whichever side
+        the array is on (callers pass host originals too: asnumpy takes both, .get() did not,
+        and the first GPU run failed every case on it)."""
         if a is None:
             return None
         if self.gpu:
-            a = a.get()
+            a = self.cp.asnumpy(a)
         return np.ascontiguousarray(a, dtype=np.float64)
 
 
@@ -212,10 +218,10 @@ def _check(result: Result, stage: str, actual, expected, dtype: str, scale=None,
     result.checks.append(Check(stage, max_abs, rel, TOL[dtype] if tol is None else tol))
 
 
-def run_case(case: Case, backend_name: str) -> Result:
+def run_case(case: Case, backend_name: str, host: Host | None = None) -> Result:
     """Run every stage of `case` on the backend and compare each with the reference."""
     be = backends.get(backend_name)
-    host = Host(backend_name)
+    host = Host(backend_name) if host is None else host
     x0, dz0, w0, b0, rm0, rv0 = make_inputs(case)
     r0 = make_residual(case)
     x, dz, w, b, rm, rv, r = (host.put(a) for a in (x0, dz0, w0, b0, rm0, rv0, r0))
