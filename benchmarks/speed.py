@@ -76,21 +76,37 @@ def _run_once(fn, x, dy, w, b):
     return [t.detach() for t in (y, dx, dw, db)]
 
 
-def check(impls: dict, case: BNCase, inp: dict) -> dict:
+def check(impls: dict, case: BNCase, inp: dict, details: dict | None = None) -> dict:
     """Max relative error of y, dx, dweight, dbias per implementation vs a float64 eager
-    reference. iabn's scale is gamma = |w| + eps with w > 0, so the others get w + eps."""
+    reference. iabn's scale is gamma = |w| + eps with w > 0, so the others get w + eps.
+
+    The shared inputs are compared with a snapshot after every implementation and restored
+    if it changed them, so one implementation writing into an input cannot fail the others
+    (the first H200 run showed eager failing on some shapes after iabn had run). `details`,
+    when given, receives per implementation the error of each output and any input changed."""
     w_eff = inp["w"] + EPS
     ref = _run_once(eager_bn_act, inp["x"].double(), inp["dy"].double(), w_eff.double(),
                     inp["b"].double())
+    snapshot = {k: v.clone() for k, v in inp.items()}
     errs = {}
     for name, fn in impls.items():
+        note = ""
         try:
             got = _run_once(fn, inp["x"], inp["dy"], inp["w"] if name == "iabn" else w_eff,
                             inp["b"])
-            errs[name] = max(float((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-30))
-                             for g, r in zip(got, ref))
+            each = [float((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-30))
+                    for g, r in zip(got, ref)]
+            errs[name] = max(each)
+            note = " ".join(f"{o} {e:.2e}" for o, e in zip(("y", "dx", "dw", "db"), each))
         except Exception as exc:  # a baseline that cannot run this case is reported, not fatal
             errs[name] = f"error: {type(exc).__name__}: {exc}".splitlines()[0][:200]
+        changed = [k for k, v in inp.items() if not torch.equal(v, snapshot[k])]
+        for k in changed:
+            inp[k].copy_(snapshot[k])
+        if changed:
+            note += f"; changed inputs: {','.join(changed)}"
+        if details is not None:
+            details[name] = note
     return errs
 
 
@@ -178,17 +194,21 @@ def case_rows(case: BNCase, impls: dict, device, timer, settings: Settings, pass
     base = _base(case)
     try:
         inp = bn_inputs(case, device, settings.seed)
-        errs = check(impls, case, inp)
+        details = {}
+        errs = check(impls, case, inp, details)
     except torch.cuda.OutOfMemoryError as exc:
         return [dict(base, mode=m, status=f"skipped: out of memory ({exc})"[:200]) for m in MODES]
     ok = {name: passed(err, case.dtype) for name, err in errs.items()}
+    # per-output errors of whatever failed, or changed an input, so a failure says where
+    detail = " | ".join(f"{name}: {details[name]}" for name in errs
+                        if not ok[name] or "changed" in details.get(name, ""))
     rows = []
     for mode in MODES:
-        row = dict(base, mode=mode)
+        row = dict(base, mode=mode, check_detail=detail)
         for name in IMPLS:
             row[f"{name}_check_err"] = errs.get(name, "not run")
         if not ok.get("iabn"):
-            row["status"] = "iabn failed the correctness check: not timed"
+            row["status"] = f"iabn failed the correctness check: not timed ({detail})"
             rows.append(row)
             continue
         for name, fn in impls.items():

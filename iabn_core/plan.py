@@ -67,6 +67,22 @@ def elementwise(prob: Problem, vec: int, sm_count: int) -> Plan:
     return Plan(vec, (gx, g, 1), (bx, by, 1), 0)
 
 
+# kSerialRows, kFinalizeChannels and kFinalizeSplits in kernels/finalize.cuh.
+SERIAL_MERGE_ROWS = 64
+FINALIZE_CHANNELS, FINALIZE_SPLITS = 8, 32
+
+
 def per_channel(c: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """Grid and block of the one-thread-per-channel finalize kernels."""
-    return (-(-c // BLOCK_THREADS), 1, 1), (BLOCK_THREADS, 1, 1)
+    """Grid and block of the finalize kernels: 8 channels per block, 32 threads splitting each
+    channel's rows when there are more than SERIAL_MERGE_ROWS of them."""
+    return (-(-c // FINALIZE_CHANNELS), 1, 1), (FINALIZE_CHANNELS, FINALIZE_SPLITS, 1)
+
+
+def fuse_merge(prob: Problem, rows: int, vec: int) -> bool:
+    """Whether the forward / backward-elementwise kernel should merge the `rows` block
+    partials itself (every block, serially, for its channels: one thread does rows x its
+    channel count of merges) instead of a separate finalize launch. Fusing saves a launch
+    (~2 us) but costs every block that serial merge and its reads; beyond SERIAL_MERGE_ROWS
+    merges per thread the separate, split merge is faster (kernels/finalize.cuh)."""
+    per_thread = vec if prob.layout == "nsc" else 1
+    return rows * per_thread <= SERIAL_MERGE_ROWS

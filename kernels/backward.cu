@@ -3,17 +3,18 @@
 // r is the optional residual added before the activation (z = act(BN(x) + r)); it is read
 // again here, never stored by forward, and its gradient is dr = dy.
 //   iabn_backward_reduce      partial sums (G, 2, C) of dy and dy * xhat
-//   iabn_backward_finalize    ordered merge -> sums (2, C); dweight = abs_slope(w) sum(dy xhat), dbias = sum(dy)
+//   iabn_backward_finalize    ordered merge (finalize.cuh merge_rows) -> sums (2, C); dweight = abs_slope(w) sum(dy xhat), dbias = sum(dy)
 //   iabn_backward_elementwise dx (which may be dz's own buffer: in place):
 //       training: dx = gamma * invstd * (dy - sum(dy)/m - xhat * sum(dy xhat)/m)
 //       eval:     dx = gamma * invstd * dy
 //       with a residual, also dr = dy (a separate output buffer)
 // Synchronized BN all-reduces `sums` between finalize and elementwise. Otherwise the
-// elementwise kernel sums the G partials itself (per block, for its channels, in the order
-// iabn_backward_finalize uses) and its blocks with blockIdx.y == 0 store dweight and dbias:
-// two launches per backward.
+// elementwise kernel sums the G partials itself when G is small (per block, for its channels,
+// in the order iabn_backward_finalize uses) and its blocks with blockIdx.y == 0 store dweight
+// and dbias: two launches per backward; with many partials, three (finalize.cuh kSerialRows).
 #include "activations.cuh"
 #include "common.cuh"
+#include "finalize.cuh"
 #include "layout.cuh"
 #include "reduce.cuh"
 
@@ -43,15 +44,10 @@ __device__ __forceinline__ void recover(Acc z, Acc dz, Acc r, const BackwardCoef
   xhat = (Act::inverse(z, p) - r - a.shift) * a.inv_gamma;
 }
 
-// Channel c's sums over rows g = 0..G-1 of partials (G, 2, C), in index order: deterministic.
+// Channel c's row g of partials (G, 2, C).
 template <class Acc>
-__device__ __forceinline__ SumPair<Acc> channel_sums(const Acc* partials, long long G, long long C, long long c) {
-  SumPair<Acc> s = SumPair<Acc>::identity();
-  for (long long g = 0; g < G; ++g) {
-    s.dy += load(partials + g * 2 * C + c);
-    s.dy_xhat += load(partials + g * 2 * C + C + c);
-  }
-  return s;
+__device__ __forceinline__ SumPair<Acc> sum_row(const Acc* partials, long long C, long long g, long long c) {
+  return SumPair<Acc>{load(partials + g * 2 * C + c), load(partials + g * 2 * C + C + c)};
 }
 
 // gamma = |w| + eps and dL/dgamma = sum(dy * xhat); d|w|/dw is +1 at w = 0 (abs_slope).
@@ -107,8 +103,10 @@ iabn_backward_finalize(const Acc* __restrict__ partials, long long G, long long 
                        const P* __restrict__ weight, P* __restrict__ dweight, P* __restrict__ dbias) {
   using namespace iabn;
   const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  const SumPair<Acc> s = channel_sums(partials, G, C, c);
+  const bool active = c < C;
+  const SumPair<Acc> s =
+      merge_rows<SumPair<Acc>>(G, active, [&](long long g) { return sum_row(partials, C, g, c); });
+  if (!active || threadIdx.y != 0) return;
   store(sums + c, s.dy);
   store(sums + C + c, s.dy_xhat);
   store_param_grads(s, weight, dweight, dbias, c);
@@ -136,7 +134,7 @@ iabn_backward_elementwise(const T* __restrict__ z, const T* dz, T* dx, const iab
     // the reduction's G partials (then blocks with blockIdx.y == 0 store dweight and dbias).
     SumPair<Acc> s = SumPair<Acc>::identity();
     if (partials) {
-      s = channel_sums(partials, G, C, c);
+      s = merge_serial<SumPair<Acc>>(G, [&](long long g) { return sum_row(partials, C, g, c); });
       if (blockIdx.y == 0) store_param_grads(s, weight, dweight, dbias, c);
     }
     if (training) {

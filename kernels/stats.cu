@@ -47,9 +47,9 @@ iabn_batch_stats(const T* __restrict__ x, iabn::acc_t<T>* __restrict__ partials,
   });
 }
 
-// One thread per channel (finalize.cuh). Eval mode reads the running statistics through
-// eval_mean/eval_var (const: they may be read-only memory) and training updates
-// running_mean/running_var; the other pair is null.
+// One channel per threadIdx.x, its rows merged by merge_rows (finalize.cuh); threadIdx.y == 0
+// stores. Eval mode reads the running statistics through eval_mean/eval_var (const: they may
+// be read-only memory) and training updates running_mean/running_var; the other pair is null.
 template <class Acc, class P>
 __global__ void __launch_bounds__(iabn::kBlockThreads)
 iabn_stats_finalize(const Acc* __restrict__ partials, long long R, long long C, Acc* __restrict__ out,
@@ -58,7 +58,11 @@ iabn_stats_finalize(const Acc* __restrict__ partials, long long R, long long C, 
                     Acc eval_count, int mode) {
   using namespace iabn;
   const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  const ChannelStats<Acc> s = channel_stats<Acc>(partials, R, C, c, eval_mean, eval_var, eval_count, mode);
+  const bool active = c < C;
+  Welford<Acc> w = Welford<Acc>::identity();
+  if (mode != kEval)  // uniform
+    w = merge_rows<Welford<Acc>>(R, active, [&](long long r) { return partial_row(partials, C, r, c); });
+  if (!active || threadIdx.y != 0) return;
+  const ChannelStats<Acc> s = finish_stats<Acc>(w, c, eval_mean, eval_var, eval_count, mode);
   store_channel_stats<Acc>(s, out, C, c, running_mean, running_var, momentum, eps, mode);
 }

@@ -174,6 +174,26 @@ def test_wrong_kernel_is_never_timed():
         assert "iabn_ms" not in r and "speedup_vs_eager" not in r
 
 
+def test_an_implementation_writing_an_input_is_named_and_cannot_fail_the_others():
+    """check() restores inputs an implementation changed and says which; the next one is
+    judged on the original inputs."""
+    import torch
+
+    from benchmarks import cases, speed
+
+    def scribbler(x, w, b, rm, rv):
+        inp["dy"].mul_(2)  # writes a shared input, as a kernel writing dy in place would
+        return speed.eager_bn_act(x, w, b, rm, rv)
+
+    case = cases.BNCase("test", 4, 3, 5, 5)
+    inp = cases.bn_inputs(case, torch.device("cpu"), 0)
+    details = {}
+    errs = speed.check({"iabn": scribbler, "eager": speed.eager_bn_act}, case, inp, details)
+    assert "changed inputs: dy" in details["iabn"] and "changed" not in details["eager"]
+    assert speed.passed(errs["eager"], "float32"), details
+    assert details["eager"].startswith("y ") and " dx " in details["eager"]
+
+
 def test_max_batch_search(monkeypatch):
     """Doubling then bisection against a budget, on a stand-in for the GPU measurement."""
     from benchmarks import cases, memory

@@ -78,3 +78,17 @@ def test_overhead_rows():
         (p, s) for p in ("cpu", "null") for s in overhead.STAGES}
     md = "\n".join(overhead.summary_section(rows))
     assert "null step <= 3x" in md and "cpu step <= 5x" in md
+
+
+def test_host_profile_names_every_piece_on_the_cpu(tmp_path, monkeypatch):
+    """benchmarks.profile_host (run on the GPU machine) works without one: the null path."""
+    from benchmarks import profile_host
+
+    monkeypatch.setenv("IABN_BACKEND", "null")  # what main() sets without a GPU; restored after
+    assert profile_host.main(["--out", str(tmp_path), "--iters", "20"]) == 0
+    text = (tmp_path / "profile_host.txt").read_text()
+    for piece in ("to_core", "from_core", "_device_scope", "forward op body",
+                  "backward op body", "by tottime", "by cumulative"):
+        assert piece in text
+    us = [float(line.split()[0]) for line in text.splitlines()[3:9]]
+    assert len(us) == 6 and all(u > 0 for u in us)

@@ -54,3 +54,50 @@ def test_kernels_with_the_grid_of_a_large_gpu(monkeypatch, case):
     assert plan.elementwise(_prob(n, c, s, case.layout, case.pair), 1, 132).g > 8
     result = verify.run_case(case, "emulator")
     assert result.passed, [ch for ch in result.checks if not ch.passed]
+
+
+def _step(backend, case, seed=3):
+    """One training forward + backward through ops (the fused forward_all/backward_all), as
+    host arrays, with the launches it took."""
+    from iabn_core import ops
+
+    be = backends.get(backend)
+    x, dz, w, b, rm, rv = verify.make_inputs(case, seed=seed)
+    before = getattr(be, "launches", 0)
+    ctx = ops.forward(x, w, b, rm, rv, training=True, activation=case.activation,
+                      activation_param=0.01, backend=backend)
+    dx, dw, db = ops.backward(ctx, x, dz)
+    outs = [np.asarray(a, np.float64) for a in (x, dx, dw, db, rm, rv, ctx.stats[1:3])]
+    return outs, getattr(be, "launches", 0) - before
+
+
+@pytest.mark.parametrize("layout,shape", [("nsc", (8, 16, 33, 17)), ("ncs", (70, 1, 32, 32))])
+def test_many_partials_take_a_split_merge_launch(monkeypatch, layout, shape):
+    """At a large GPU's grid a small C gives more block partials than each block should merge
+    (plan.fuse_merge; the first H200 run spent ~8 ms per channels-last layer doing it): the
+    training forward and backward then take a separate finalize launch each, whose merge is
+    split over 32 threads per channel, and agree with the NumPy backend."""
+    monkeypatch.setattr(backends.get("emulator").rt, "sm_count", 132)
+    case = verify.Case(PAIRS[0], layout, "leaky_relu", True, shape)
+    n, c = shape[:2]
+    prob = _prob(n, c, int(np.prod(shape[2:])), layout, PAIRS[0])
+    vec = plan.choose_vec(prob, ())
+    g = plan.elementwise(prob, vec, 132).g
+    assert g > plan.SERIAL_MERGE_ROWS and not plan.fuse_merge(prob, g, vec)
+    got, launches = _step("emulator", case)
+    want, _ = _step("numpy", case)
+    assert launches == 6  # batch_stats, finalize, forward; reduce, finalize, elementwise
+    for name, a, e in zip(("z", "dx", "dweight", "dbias", "running_mean", "running_var",
+                           "mean/var"), got, want):
+        np.testing.assert_allclose(a, e, rtol=2e-5, atol=2e-5 * np.abs(e).max(), err_msg=name)
+
+
+def test_few_partials_stay_fused():
+    """The emulator's one-SM plan gives few partials: 2 launches per forward and backward."""
+    case = verify.Case(PAIRS[0], "nsc", "elu", True, (3, 16, 5))
+    n, c = case.shape[:2]
+    prob = _prob(n, c, 5, "nsc", PAIRS[0])
+    vec = plan.choose_vec(prob, ())
+    assert plan.fuse_merge(prob, plan.elementwise(prob, vec, 1).g, vec)
+    _, launches = _step("emulator", case)
+    assert launches == 4

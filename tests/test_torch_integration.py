@@ -403,3 +403,45 @@ def test_gpu_training_step_in_cuda_graph():
         graph.replay()
         losses.append(static_loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+class _FakeArray:
+    def __init__(self, ptr, shape):
+        self.data = type("Ptr", (), {"ptr": ptr})()
+        self.shape = shape
+
+
+def _fake_cupy(warn_on_capsule):
+    import warnings
+
+    calls = []
+
+    def from_dlpack(obj):
+        if isinstance(obj, torch.Tensor):
+            calls.append("protocol")
+            return _FakeArray(obj.data_ptr(), tuple(obj.shape))
+        calls.append("capsule")
+        if warn_on_capsule:
+            warnings.warn("raw capsules are deprecated", DeprecationWarning)
+        return _FakeArray(probe_tensor.data_ptr(), tuple(probe_tensor.shape))
+
+    probe_tensor = torch.zeros(3, 4)
+    return type("FakeCupy", (), {"from_dlpack": staticmethod(from_dlpack)})(), calls, \
+        probe_tensor
+
+
+@pytest.mark.parametrize("warn", [False, True])
+def test_capsule_exchange_probes_once_and_falls_back(monkeypatch, warn):
+    """iabn.torch_bridge's DLPack fast path (capsules, no per-call stream handshake) is
+    probed on the first crossing; a warning or error there means the plain protocol for
+    good, never a broken or noisy fast path."""
+    from iabn import torch_bridge
+
+    fake, calls, t = _fake_cupy(warn)
+    monkeypatch.setattr(torch_bridge, "_cupy", lambda: fake)
+    ex = torch_bridge._CapsuleExchange()
+    for _ in range(3):
+        a = ex.to_cupy(t)
+        assert a.data.ptr == t.data_ptr()
+    assert ex.fast_in is (not warn)
+    assert calls == (["capsule"] * 3 if not warn else ["capsule"] + ["protocol"] * 3)

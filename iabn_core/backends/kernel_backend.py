@@ -199,9 +199,10 @@ class KernelBackend(Composites):
     def forward_all(self, prob: Problem, x3, running_mean, running_var, momentum, training,
                     weight, bias, residual3=None):
         """The unsynchronised forward: 2 launches in training (batch_stats, then forward
-        finalizing for itself), 1 in eval, and one workspace allocation: the returned stats
-        and, behind them, the block partials (G x 3 x C accumulators, a few KiB at most, which
-        stay allocated as long as the stats do)."""
+        finalizing for itself; 3 when the partials are too many for every block to merge them,
+        plan.fuse_merge: batch_stats, finalize, forward), 1 in eval, and one workspace
+        allocation: the returned stats and, behind them, the block partials (G x 3 x C
+        accumulators, a few KiB at most, which stay allocated as long as the stats do)."""
         if not prob.count:  # nothing for the forward kernel to run over: finalize alone
             return Composites.forward_all(self, prob, x3, running_mean, running_var, momentum,
                                           training, weight, bias, residual3)
@@ -211,8 +212,13 @@ class KernelBackend(Composites):
             r = self._recipe(prob, "batch_stats", vec_stats)
             stats, partials = self._acc_empty(prob, (STATS_ROWS,), (r.g, PARTIAL_ROWS))
             self._batch_stats_into(r, x3, partials)
-            self._forward_with(prob, vec, x3, stats, weight, bias, residual3, MODE_TRAIN,
-                               partials, running_mean, running_var, momentum)
+            if planning.fuse_merge(prob, r.g, vec):
+                self._forward_with(prob, vec, x3, stats, weight, bias, residual3, MODE_TRAIN,
+                                   partials, running_mean, running_var, momentum)
+            else:  # many partials (small C): one split merge, not one per block
+                self._finalize_into(prob, stats, partials, running_mean, running_var, momentum,
+                                    MODE_TRAIN)
+                self._forward_with(prob, vec, x3, stats, weight, bias, residual3)
         else:
             (stats,) = self._acc_empty(prob, (STATS_ROWS,))
             self._forward_with(prob, vec, x3, stats, weight, bias, residual3, MODE_EVAL, None,
@@ -269,8 +275,10 @@ class KernelBackend(Composites):
     def backward_all(self, prob: Problem, z3, dz3, stats, weight, bias, training, dx3=None,
                      residual3=None, dresidual3=None):
         """The unsynchronised backward: the reduction, then the elementwise kernel summing its
-        partials itself and storing dweight/dbias (2 launches; 1 in eval without parameters),
-        with one workspace allocation (the partials) besides the parameter gradients."""
+        partials itself and storing dweight/dbias (2 launches; 1 in eval without parameters;
+        3 with a finalize launch between them when plan.fuse_merge says the partials are too
+        many), with one workspace allocation (partials and sums) besides the parameter
+        gradients."""
         dx3 = dz3 if dx3 is None else dx3
         if not prob.count:
             return Composites.backward_all(self, prob, z3, dz3, stats, weight, bias, training,
@@ -278,12 +286,17 @@ class KernelBackend(Composites):
         # the reduction's width; dx3 and the residual's gradient may narrow the other's
         vec = self._vec(prob, z3, dz3, residual3)
         vec_ew = vec if vec == 1 else self._vec(prob, None if dx3 is dz3 else dx3, dresidual3)
-        partials = dweight = dbias = None
+        partials = sums = dweight = dbias = None
         if training or prob.has_weight or prob.has_bias:
             r = self._recipe(prob, "backward_reduce", vec)
-            (partials,) = self._acc_empty(prob, (r.g, SUM_ROWS))
+            (partials, sums) = self._acc_empty(prob, (r.g, SUM_ROWS), (SUM_ROWS,))
             self._reduce_into(r, z3, dz3, partials, weight, bias, residual3)
             dweight, dbias = self._param_grads(prob)
+            if not planning.fuse_merge(prob, r.g, vec_ew):  # see forward_all
+                self._backward_finalize_into(prob, partials, sums, weight, dweight, dbias)
+                self._elementwise_with(prob, vec_ew, z3, dz3, dx3, stats, sums, weight, bias,
+                                       training, residual3, dresidual3)
+                return dweight, dbias
         self._elementwise_with(prob, vec_ew, z3, dz3, dx3, stats, None, weight, bias, training,
                                residual3, dresidual3, partials, dweight, dbias)
         return dweight, dbias
