@@ -210,7 +210,8 @@ def sanitizer_step(ctx: Context, allot: float) -> Outcome:
 def bench_step(ctx: Context, allot: float) -> Outcome:
     from .__main__ import PARTS  # read at run time: parts may be added by later changes
 
-    parts = [p for p in BENCH_PARTS if p in PARTS]
+    chosen = getattr(ctx, "bench_parts", BENCH_PARTS)
+    parts = [p for p in BENCH_PARTS if p in PARTS and p in chosen]
     budget = max(10.0, allot - BENCH_GRACE_S)
     argv = _module(ctx, "benchmarks", "--parts", ",".join(parts), "--out", ctx.results,
                    "--time-budget", f"{budget:.0f}")
@@ -265,6 +266,10 @@ def parse(argv):
     p.add_argument("--dry-run", action="store_true", help="no GPU: CPU stand-ins, same flow")
     p.add_argument("--steps", default=",".join(STEP_NAMES), type=comma_list(STEP_NAMES, "steps"),
                    help=f"subset of {','.join(STEP_NAMES)} (env always runs)")
+    p.add_argument("--parts", default=",".join(BENCH_PARTS),
+                   type=comma_list(BENCH_PARTS, "parts"),
+                   help="benchmark parts of the bench step (default: all); a rerun that "
+                        "confirms a fix may leave out what it did not touch")
     p.add_argument("--work", help="scratch folder (default: a new temp dir)")
     p.add_argument("--cache-dir", help="kernel caches (default $IABN_CACHE_DIR or ~/.cache/iabn)")
     p.add_argument("--unpack", metavar="FILE", help="unpack a results.tar.gz and exit")
@@ -313,6 +318,7 @@ def main(argv=None) -> int:
     if how.startswith("shim"):
         sys.path.insert(0, how.split(" ", 1)[1])
     ctx = Context(root, results, env, args.dry_run, sys.executable)
+    ctx.bench_parts = list(args.parts)
     steps = plan(args.budget, args.steps)
     header = dict(device="(not probed yet)", mode="DRY RUN (no GPU work)" if args.dry_run
                   else "GPU run", command="python -m benchmarks.gpu_suite " + " ".join(

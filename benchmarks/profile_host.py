@@ -16,6 +16,7 @@ Writes DIR/profile_host.txt.
 from __future__ import annotations
 
 import argparse
+import importlib
 import cProfile
 import io
 import os
@@ -43,7 +44,7 @@ def _timed(fn, iters: int, sync) -> float:
 def _pieces(device, iters: int) -> tuple[list[tuple[str, float]], object, object]:
     import torch
 
-    from iabn import torch as itorch  # noqa: F401  (registers the ops)
+    importlib.import_module("iabn.torch")  # registers the ops
     from iabn.torch_bridge import _device_scope, from_core, to_core
     from iabn.torch_ops import _backward_impl, _forward_impl
 

@@ -398,3 +398,22 @@ def test_junit_counts(tmp_path):
     counts, failing = _junit(xml)
     assert counts == dict(passed=2, failed=2, skipped=1)
     assert failing == ["tests.test_a::test_bad", "tests.test_b::test_err"]
+
+
+def test_bench_step_runs_the_parts_asked_for(ctx, monkeypatch):
+    """--parts narrows the bench step (a confirming rerun on a short GPU lease)."""
+    from benchmarks import gpu_suite
+
+    seen = []
+
+    def run(argv, log_name, timeout):
+        seen.append(argv)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(ctx, "run", run)
+    ctx.bench_parts = ["overhead", "speed"]
+    with pytest.raises(RuntimeError):
+        gpu_suite.bench_step(ctx, 100.0)
+    argv = seen[0]
+    assert argv[argv.index("--parts") + 1] == "speed,overhead"  # the suite's order
+    assert gpu_suite.parse(["--parts", "speed"]).parts == ["speed"]
