@@ -117,12 +117,16 @@ def _backward_core(z, dz, dx, stats, weight, bias, training, eps, activation, ac
 @torch.library.custom_op("iabn::inplace_abn_backward", mutates_args=("dx", "dresidual"))
 def _backward_op(z: torch.Tensor, dz: torch.Tensor, dx: torch.Tensor, stats: torch.Tensor,
                  weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], training: bool,
-                 eps: float, activation: str, activation_param: float,
-                 group_name: str = "", residual: Optional[torch.Tensor] = None,
-                 dresidual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float, activation: str, activation_param: float, group_name: str,
+                 residual: Optional[torch.Tensor],
+                 dresidual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """dx <- input gradient (z and dz are only read, unless dx is dz itself: then in place),
     and dresidual <- the residual's gradient when forward had a residual; returns (dweight,
-    dbias), empty for absent ones."""
+    dbias), empty for absent ones.
+
+    No argument has a default: torch's boxed calls drop trailing arguments equal to their
+    defaults, and torch 2.11's in-place bookkeeping then indexes the mutated `dresidual`
+    past the end (IndexError in opcheck and torch.compile on the first H200 run)."""
     dweight, dbias = _backward_impl(z, dz, dx, stats, weight, bias, training, eps, activation,
                                     activation_param, group_name, residual, dresidual)
     return (_param_grad_like(None, stats) if dweight is None else dweight,
@@ -131,7 +135,7 @@ def _backward_op(z: torch.Tensor, dz: torch.Tensor, dx: torch.Tensor, stats: tor
 
 @_backward_op.register_fake
 def _backward_fake(z, dz, dx, stats, weight, bias, training, eps, activation, activation_param,
-                   group_name="", residual=None, dresidual=None):
+                   group_name, residual, dresidual):
     return _param_grad_like(weight, stats), _param_grad_like(bias, stats)
 
 
