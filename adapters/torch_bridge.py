@@ -27,10 +27,16 @@ _SUPPORTED = frozenset(TORCH_DTYPES.values())
 # Zero-copy bridging. Every core array below views the tensor's own memory, so the core's
 # in-place writes land in the tensor.
 # ------------------------------------------------------------------------------------------
-def _cupy():
-    from iabn_core.backends.cuda import import_cupy
+_cupy_module = None
 
-    return import_cupy()
+
+def _cupy():
+    global _cupy_module
+    if _cupy_module is None:  # imported once: this runs for every tensor crossing
+        from iabn_core.backends.cuda import import_cupy
+
+        _cupy_module = import_cupy()
+    return _cupy_module
 
 
 def to_core(t: Optional[torch.Tensor]):
@@ -160,8 +166,10 @@ def _backend_for(t: torch.Tensor):
         from iabn_core.backends.cuda import CudaRuntime
         from iabn_core.backends.kernel_backend import KernelBackend
 
+        # "cuda" is torch's current device, which _device_scope has made CuPy's too
+        current = torch.device("cuda")
         _cuda_backend_instance = KernelBackend(CudaRuntime(allocator=_torch_workspace(
-            lambda: torch.device("cuda", _cupy().cuda.Device().id))))
+            lambda: current)))
     return _cuda_backend_instance
 
 

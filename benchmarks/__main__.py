@@ -204,11 +204,24 @@ def main(argv=None) -> int:
             from . import overhead
 
             run.attempt(part, lambda: overhead.overhead_rows(settings, gpu))
+            if gpu:  # the diagnostic behind the figures: where a layer's host time goes
+                _profile_host(out)
         write_outputs(out, run, run.settings, env, gpu, argv)  # progress survives a kill
     compiled_passes(run, gpu, lambda: write_outputs(out, run, run.settings, env, gpu, argv))
     write_outputs(out, run, run.settings, env, gpu, argv)
     print(f"[benchmarks] results in {out}", file=sys.stderr)
     return 1 if any(s.startswith("failed") for s in run.status.values()) else 0
+
+
+def _profile_host(out: Path) -> None:
+    """benchmarks.profile_host into out/profile_host.txt; a failure there is reported and
+    does not fail the overhead part (it is a diagnostic, not a figure)."""
+    from . import profile_host
+
+    try:
+        profile_host.main(["--out", str(out), "--iters", "200"])
+    except Exception as exc:  # noqa: BLE001 - reported, the figures stand without it
+        print(f"[benchmarks] profile_host failed: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def compiled_passes(run: Run, gpu: bool, save=lambda: None) -> None:

@@ -82,6 +82,7 @@ def _pieces(device, iters: int) -> tuple[list[tuple[str, float]], object, object
         ("forward op body (2 launches)", forward),
         ("backward op body (2 launches)", backward),
     ]
+    rows += _autograd_rows(device)
     if device.type == "cuda":  # the plain DLPack protocol, which to_core avoids when it can
         import cupy
 
@@ -89,6 +90,45 @@ def _pieces(device, iters: int) -> tuple[list[tuple[str, float]], object, object
                  ("torch.from_dlpack(cupy array), the protocol", lambda: torch.from_dlpack(arr))]
     out = [(name, _timed(fn, iters, sync)) for name, fn in rows]
     return out, forward, backward
+
+
+def _autograd_rows(device):
+    """What autograd costs around any Python-defined layer, iabn's or not: a whole step
+    (clone, forward, autograd.grad) of an identity autograd.Function, of torch's BN +
+    LeakyReLU, and of iabn's InPlaceABN module, on a tiny input. On CUDA, autograd runs the
+    backward on its device thread, so a Python backward also pays a thread handoff."""
+    import torch
+    import torch.nn.functional as F
+
+    from iabn.torch import InPlaceABN
+
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    x0 = torch.randn(2, 8, 4, 4, device=device, requires_grad=True)
+    dy = torch.randn(2, 8, 4, 4, device=device)
+    bn = torch.nn.BatchNorm2d(8).to(device)
+    abn = InPlaceABN(8).to(device)
+
+    def identity():
+        torch.autograd.grad(Identity.apply(x0 * 1), (x0,), dy)
+
+    def torch_bn():
+        y = F.leaky_relu(bn(x0.clone()), 0.01, inplace=True)
+        torch.autograd.grad(y, (x0, bn.weight, bn.bias), dy)
+
+    def iabn_step():
+        torch.autograd.grad(abn(x0.clone()), (x0, abn.weight, abn.bias), dy)
+
+    return [("step through an identity Python autograd.Function", identity),
+            ("step of torch BatchNorm2d + leaky_relu", torch_bn),
+            ("step of iabn InPlaceABN", iabn_step)]
 
 
 def main(argv=None) -> int:

@@ -5,14 +5,22 @@ import numpy as np
 
 
 
+_KINDS: dict = {np.ndarray: "numpy"}  # array type -> kind; called ~35 times per layer step
+
+
 def kind(a) -> str | None:
     """'numpy', 'cupy', or None for anything else."""
-    if isinstance(a, np.ndarray):
-        return "numpy"
-    mod = type(a).__module__
-    if mod.startswith("cupy") and hasattr(a, "data") and hasattr(a, "device"):
-        return "cupy"
-    return None
+    t = type(a)
+    k = _KINDS.get(t, False)
+    if k is False:
+        if issubclass(t, np.ndarray):
+            k = "numpy"
+        elif t.__module__.startswith("cupy") and hasattr(a, "data") and hasattr(a, "device"):
+            k = "cupy"
+        else:
+            k = None
+        _KINDS[t] = k
+    return k
 
 
 def device(a) -> str:
