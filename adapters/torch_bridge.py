@@ -9,6 +9,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from iabn_core.dtypes import BFLOAT16
 from iabn_core.validate import IABNError
@@ -99,8 +100,6 @@ class _CapsuleExchange:
             return None
 
     def to_cupy(self, t):
-        from torch.utils.dlpack import to_dlpack
-
         if self.fast_in:
             return _cupy().from_dlpack(to_dlpack(t))
         if self.fast_in is None:
@@ -111,8 +110,6 @@ class _CapsuleExchange:
         return _cupy().from_dlpack(t)
 
     def to_torch(self, a):
-        from torch.utils.dlpack import from_dlpack
-
         if self.fast_out:
             return from_dlpack(a.__dlpack__(stream=-1))
         if self.fast_out is None:
