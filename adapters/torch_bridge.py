@@ -88,36 +88,36 @@ class _CapsuleExchange:
     def _same(a, t) -> bool:
         return a.data.ptr == t.data_ptr() and tuple(a.shape) == tuple(t.shape)
 
-    def _probe(self, convert, check):
+    def _first(self, attr: str, fast, plain, same):
+        """The first crossing of direction `attr`: try `fast` with warnings as errors and
+        check its view with `same`; remember the verdict and fall back to `plain` on failure."""
         import warnings
 
+        out = None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
-                out = convert()
-            return out if check(out) else None
+                out = fast()
+            out = out if same(out) else None
         except Exception:  # any failure: the plain protocol from now on
-            return None
+            out = None
+        setattr(self, attr, out is not None)
+        return plain() if out is None else out
 
     def to_cupy(self, t):
         if self.fast_in:
             return _cupy().from_dlpack(to_dlpack(t))
         if self.fast_in is None:
-            a = self._probe(lambda: _cupy().from_dlpack(to_dlpack(t)), lambda a: self._same(a, t))
-            self.fast_in = a is not None
-            if a is not None:
-                return a
+            return self._first("fast_in", lambda: _cupy().from_dlpack(to_dlpack(t)),
+                               lambda: _cupy().from_dlpack(t), lambda a: self._same(a, t))
         return _cupy().from_dlpack(t)
 
     def to_torch(self, a):
         if self.fast_out:
             return from_dlpack(a.__dlpack__(stream=-1))
         if self.fast_out is None:
-            t = self._probe(lambda: from_dlpack(a.__dlpack__(stream=-1)),
-                            lambda t: self._same(a, t))
-            self.fast_out = t is not None
-            if t is not None:
-                return t
+            return self._first("fast_out", lambda: from_dlpack(a.__dlpack__(stream=-1)),
+                               lambda: torch.from_dlpack(a), lambda t: self._same(a, t))
         return torch.from_dlpack(a)
 
 

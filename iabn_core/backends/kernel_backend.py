@@ -286,17 +286,17 @@ class KernelBackend(Composites):
         # the reduction's width; dx3 and the residual's gradient may narrow the other's
         vec = self._vec(prob, z3, dz3, residual3)
         vec_ew = vec if vec == 1 else self._vec(prob, None if dx3 is dz3 else dx3, dresidual3)
-        partials = sums = dweight = dbias = None
+        sums = dweight = dbias = None
+        merge = (None, None, None)  # what the elementwise kernel merges and stores itself
         if training or prob.has_weight or prob.has_bias:
             r = self._recipe(prob, "backward_reduce", vec)
             (partials, sums) = self._acc_empty(prob, (r.g, SUM_ROWS), (SUM_ROWS,))
             self._reduce_into(r, z3, dz3, partials, weight, bias, residual3)
             dweight, dbias = self._param_grads(prob)
-            if not planning.fuse_merge(prob, r.g, vec_ew):  # see forward_all
+            if planning.fuse_merge(prob, r.g, vec_ew):
+                merge = (partials, dweight, dbias)
+            else:  # many partials (small C): one split merge, see forward_all
                 self._backward_finalize_into(prob, partials, sums, weight, dweight, dbias)
-                self._elementwise_with(prob, vec_ew, z3, dz3, dx3, stats, sums, weight, bias,
-                                       training, residual3, dresidual3)
-                return dweight, dbias
-        self._elementwise_with(prob, vec_ew, z3, dz3, dx3, stats, None, weight, bias, training,
-                               residual3, dresidual3, partials, dweight, dbias)
+        self._elementwise_with(prob, vec_ew, z3, dz3, dx3, stats, sums, weight, bias, training,
+                               residual3, dresidual3, *merge)
         return dweight, dbias
