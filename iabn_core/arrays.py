@@ -9,13 +9,14 @@ _KINDS: dict = {np.ndarray: "numpy"}  # array type -> kind; called ~35 times per
 
 
 def kind(a) -> str | None:
-    """'numpy', 'cupy', or None for anything else."""
+    """'numpy', 'cupy', or None for anything else, ndarray subclasses included: np.matrix
+    keeps two dims through indexing and reductions, a masked array's reductions skip masked
+    values, so the NumPy backend's arithmetic would silently differ (validate.check_array
+    says to pass np.asarray(a), a plain view of the same memory)."""
     t = type(a)
     k = _KINDS.get(t, False)
     if k is False:
-        if issubclass(t, np.ndarray):
-            k = "numpy"
-        elif t.__module__.startswith("cupy") and hasattr(a, "data") and hasattr(a, "device"):
+        if t.__module__.startswith("cupy") and hasattr(a, "data") and hasattr(a, "device"):
             k = "cupy"
         else:
             k = None

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from . import arrays
 from . import backends as _backends
 from .activations import NORMAL_RANGE, show, check_activation, check_real
@@ -42,7 +44,12 @@ def _fail(msg: str):
 def check_array(name: str, a, like=None):
     k = arrays.kind(a)
     if k is None:
-        _fail(f"{name} must be a NumPy or CuPy array, got {type(a).__name__}")
+        t = type(a)
+        if isinstance(a, np.ndarray):  # arrays.kind takes exact ndarrays only
+            _fail(f"{name} is a {t.__module__}.{t.__qualname__}, an ndarray subclass whose "
+                  f"indexing or reductions may differ from an ndarray's; pass "
+                  f"np.asarray({name}), a plain ndarray over the same memory")
+        _fail(f"{name} must be a NumPy or CuPy array, got {t.__name__}")
     if like is not None:
         if k != arrays.kind(like):
             _fail(f"{name} is a {k} array but x is a {arrays.kind(like)} array; "
@@ -120,16 +127,18 @@ def check_params(x, c: int, x_dtype: str, params: dict) -> str:
     if (params["running_mean"] is None) != (params["running_var"] is None):
         missing = "running_var" if params["running_var"] is None else "running_mean"
         _fail(f"{missing} is None but its partner is given; pass both running stats or neither")
+    # A dtype no kernel takes is reported on its own argument first (an int32 weight beside
+    # a float32 bias is the weight's problem, not the bias's); only then must they agree.
+    for name, dt in names.items():
+        if find_pair(x_dtype, dt) is None:
+            _fail(f"{name} has dtype {dt}, which does not go with x of dtype {x_dtype}; "
+                  f"allowed: {', '.join(allowed_params(x_dtype))}")
     param_dt = next(iter(names.values()), default_param(x_dtype))
     for name, dt in names.items():
         if dt != param_dt:
             first = next(iter(names))
             _fail(f"{name} has dtype {dt} but {first} has {param_dt}; parameters and running "
                   "stats must share one dtype")
-    if find_pair(x_dtype, param_dt) is None:
-        bad = next(iter(names))
-        _fail(f"{bad} has dtype {param_dt}, which does not go with x of dtype {x_dtype}; "
-              f"allowed: {', '.join(allowed_params(x_dtype))}")
     return param_dt
 
 
