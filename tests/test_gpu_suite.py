@@ -229,6 +229,44 @@ def _lacks_iabn(python: str) -> bool:
                           ).returncode != 0
 
 
+def _python_without_iabn(tmp_path: Path) -> str:
+    """A Python that imports this environment's packages (torch, numpy, ...) but not iabn,
+    like the GPU machine's, which gets a copied tree and nothing installed from it.
+
+    Built from this environment, never from an interpreter outside it (the base Python of a
+    fresh venv has no torch): a venv without pip whose one extra path entry is a folder of
+    links to this environment's site-packages entries, iabn's own left out. A folder named in
+    a .pth file joins sys.path without its .pth files being run, so an editable install's
+    import hook does not come along either."""
+    import site
+    import venv
+
+    home = tmp_path / "venv-without-iabn"
+    try:
+        venv.EnvBuilder(with_pip=False, symlinks=os.name != "nt").create(home)
+    except Exception as exc:  # e.g. a Python built without the venv module's support files
+        pytest.skip(f"cannot make a venv here to stand for an interpreter without iabn: "
+                    f"{type(exc).__name__}: {exc}")
+    python = str(home / ("Scripts/python.exe" if os.name == "nt" else "bin/python"))
+    packages = tmp_path / "site-packages-without-iabn"
+    packages.mkdir()
+    for folder in site.getsitepackages():
+        if not os.path.isdir(folder):
+            continue
+        for entry in Path(folder).iterdir():
+            if (entry.suffix == ".pth" or entry.name.startswith("iabn")
+                    or (entry.name.startswith("__editable__") and "iabn" in entry.name)
+                    or (packages / entry.name).exists()):
+                continue
+            (packages / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    purelib = subprocess.run([python, "-c", "import sysconfig; "
+                              "print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "outer-packages.pth").write_text(f"{packages}\n")
+    assert _lacks_iabn(python), f"{python} still imports an iabn"
+    return python
+
+
 def test_shim_makes_the_tree_importable(tmp_path):
     from benchmarks.gpu_suite_env import importable_env
 
@@ -238,8 +276,9 @@ def test_shim_makes_the_tree_importable(tmp_path):
     code = ("import os, iabn, iabn.torch, iabn_core, iabn_kernels, benchmarks; "
             "from iabn_core.source import kernel_dir; "
             "print(os.path.realpath(iabn.__file__)); print(kernel_dir())")
-    got = subprocess.run([sys._base_executable, "-c", code], cwd=tmp_path, env=env,
-                         capture_output=True, text=True)
+    python = _python_without_iabn(tmp_path)
+    got = subprocess.run([python, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                         text=True)
     assert got.returncode == 0, got.stderr[-2000:]
     iabn_file, kernels = got.stdout.split()
     assert iabn_file == str(ROOT / "adapters" / "__init__.py")
@@ -248,11 +287,9 @@ def test_shim_makes_the_tree_importable(tmp_path):
 
 def test_dry_run_from_an_interpreter_without_iabn(tmp_path):
     """The suite as the GPU machine runs it (a copied tree, nothing installed): environment
-    and sanitizer steps of a dry run, from the base interpreter, which lacks this venv's
-    editable install."""
-    python = sys._base_executable
-    if not _lacks_iabn(python):
-        pytest.skip(f"{python} imports an installed iabn; the shim is tested above")
+    and sanitizer steps of a dry run, from an interpreter that has this environment's packages
+    but not iabn."""
+    python = _python_without_iabn(tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OUT")}
     out = tmp_path / "out"
     proc = subprocess.run([python, "-m", "benchmarks.gpu_suite", "--dry-run", "--steps",
