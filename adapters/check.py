@@ -49,6 +49,20 @@ def environment(backend: str) -> dict:
     return info
 
 
+def emulator_unavailable() -> str | None:
+    """Why the CPU emulator cannot run here (it compiles the kernels with a C++ compiler), or
+    None when it can. Asked once, so a missing compiler is one message, not one per case."""
+    from iabn_core.emulator import build
+    from iabn_core.emulator.errors import EmulatorError
+
+    try:
+        build._compiler_version()
+    except EmulatorError as exc:
+        return (f"{exc}; install g++ (e.g. `apt-get install g++`) or point IABN_EMULATOR_CXX "
+                "at a C++17 compiler")
+    return None
+
+
 def _progress(i: int, n: int, name: str, stream) -> None:
     if not stream.isatty():
         return
@@ -71,6 +85,12 @@ def main(argv=None) -> int:
     from iabn_core.backends.cuda import gpu_available
 
     backend = args.backend or ("cuda" if gpu_available() else "emulator")
+    if backend == "emulator":
+        why = emulator_unavailable()
+        if why:
+            print(f"iabn.check: the emulator cannot run: {why}; `--backend numpy` checks "
+                  "without it (the NumPy implementation, not the kernels)")
+            return 2
 
     env = environment(backend)
     print("iabn correctness check")
@@ -94,14 +114,19 @@ def main(argv=None) -> int:
         sys.stderr.write("\n")
 
     name_w = max(len(r["case"]) for r in rows)
-    print(f"\n{'case':<{name_w}}  {'worst stage':<24} {'max abs':>10} {'max rel':>10} "
-          f"{'tol':>8}  result")
-    for r in rows:
-        if args.summary and r["passed"]:
-            continue
+    shown = [r for r in rows if not (args.summary and r["passed"])]
+    if shown:
+        print("\nEach case's worst stage against the float64 reference."
+              "\nmax abs err = max |got - ref|; max rel err = max abs err / the stage's scale"
+              "\n(max |ref|, or the size of the terms that cancel). A case passes when"
+              "\nmax rel err <= rel tol, which depends on the dtype a value is stored in:"
+              f"\n{verify.tolerance_text()}.")
+        print(f"\n{'case':<{name_w}}  {'worst stage':<24} {'max abs err':>11}  "
+              f"{'max rel err':>11}  {'rel tol':>7}  result")
+    for r in shown:
         verdict = "pass" if r["passed"] else "FAIL"
-        print(f"{r['case']:<{name_w}}  {r['stage']:<24} {r['max_abs']:>10.2e} "
-              f"{r['max_rel']:>10.2e} {r['tol']:>8.0e}  {verdict}")
+        print(f"{r['case']:<{name_w}}  {r['stage']:<24} {r['max_abs']:>11.2e}  "
+              f"{r['max_rel']:>11.2e}  {verify.tol_text(r['tol']):>7}  {verdict}")
         if r["error"]:
             print(f"    {r['error']}")
     failed = sum(not r["passed"] for r in rows)

@@ -26,6 +26,20 @@ MOMENTUM = 0.1
 ACT_PARAM = {"identity": 0.0, "leaky_relu": 0.1, "elu": 0.7}
 
 
+def tol_text(tol: float) -> str:
+    """A tolerance as README writes it: the shortest mantissa and a plain exponent
+    (1.6e-2, 2e-5, 1e-12), so what the runner prints can be compared with the docs."""
+    if not tol or not math.isfinite(tol):
+        return "-"
+    mantissa, exponent = f"{tol:.6e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def tolerance_text() -> str:
+    """The tolerance table in words, e.g. 'float64 1e-12, float32 2e-5, ...'."""
+    return ", ".join(f"{dtype} {tol_text(tol)}" for dtype, tol in TOL.items())
+
+
 @dataclass(frozen=True)
 class Case:
     pair: Pair
