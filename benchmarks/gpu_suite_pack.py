@@ -142,5 +142,8 @@ def unpack(archive: Path, dest: Path) -> Path:
             if not (m.isfile() or m.isdir()) or m.name.startswith("/") or ".." in m.name.split("/"):
                 raise ValueError(f"{archive}: refusing member {m.name!r}")
         dest.mkdir(parents=True, exist_ok=True)
-        tf.extractall(dest, members=members, filter="data")
+        # extraction filters arrived in 3.10.12/3.11.4; on older patch releases the member
+        # checks above are the guard
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tf.extractall(dest, members=members, **safe)
     return dest / next(iter(tops))
