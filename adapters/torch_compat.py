@@ -40,6 +40,11 @@ _PUBLIC = {
     PACKAGE + ".functions": {"inplace_abn": torch_ops, "inplace_abn_sync": torch_ops},
     PACKAGE + ".group": {"active_group": torch_group, "set_active_group": torch_group},
 }
+# `__file__` of each stand-in: the iabn file that defines what it serves (the package: this
+# file, which makes the stand-ins), so tools that print or open a module's file (timm's own
+# check prints inplace_abn.__file__) find a real file that explains where the objects live.
+_FILES = {PACKAGE: sys.modules[__name__], PACKAGE + ".abn": torch_modules,
+          PACKAGE + ".functions": torch_ops, PACKAGE + ".group": torch_group}
 _MARK = "__iabn_alias__"  # set on every module made here; anything else is someone else's
 _lock = threading.Lock()
 
@@ -56,8 +61,12 @@ def _make(name: str) -> types.ModuleType:
     is_package = name == PACKAGE
     mod = types.ModuleType(name, f"iabn's stand-in for `{name}` (iabn.torch."
                                  "register_inplace_abn); the objects are iabn's.")
-    mod.__spec__ = importlib.machinery.ModuleSpec(name, None, origin="iabn",
-                                                  is_package=is_package)
+    # A spec with a location, as a module imported from a file has, but no loader: nothing
+    # can (re)load these from that file, which holds iabn's code, not this module's.
+    spec = importlib.machinery.ModuleSpec(name, None, origin=_FILES[name].__file__,
+                                          is_package=is_package)
+    spec.has_location = True
+    mod.__spec__, mod.__loader__, mod.__file__ = spec, None, spec.origin
     mod.__package__ = PACKAGE
     if is_package:
         mod.__path__ = []  # a package with no files: unknown submodules fail to import

@@ -8,6 +8,8 @@ gamma = |weight| + eps (a scale that is never 0 keeps the affine map invertible)
 """
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from typing import Any, Optional
 
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from iabn_core.activations import check_activation
+from iabn_core.activations import check_activation, check_real
 from iabn_core.validate import IABNError
 
 from .torch_ops import inplace_abn, inplace_abn_sync
@@ -30,6 +32,38 @@ _ABN_ACTIVATIONS = ("relu", "leaky_relu", "elu", "identity")
 
 class IABNConversionWarning(UserWarning):
     """A BatchNorm could not be converted exactly (or was left as it is)."""
+
+
+def _fail(msg: str):
+    raise IABNError(msg)
+
+
+def _check_hyperparameters(num_features, eps, momentum) -> None:
+    """Refused at construction, naming the argument, rather than at the first forward (the
+    in-place modules) or never (ABN, whose momentum 2 trained to a negative running_var)."""
+    if not isinstance(num_features, numbers.Integral) or isinstance(num_features, bool) \
+            or num_features < 1:
+        _fail(f"num_features must be an int >= 1, got {num_features!r}")
+    e = check_real("eps", eps, _fail)
+    if not (math.isfinite(e) and e > 0):
+        _fail(f"eps must be a finite number > 0, got {eps!r}")
+    if momentum is not None:
+        m = check_real("momentum", momentum, _fail)
+        if not 0.0 <= m <= 1.0:  # NaN fails too
+            _fail(f"momentum must be in [0, 1] (or None for a cumulative average), got "
+                  f"{momentum!r}")
+
+
+def _check_residual(x: torch.Tensor, residual: torch.Tensor) -> None:
+    """ABN adds the residual after batch_norm has updated the running stats, so every way
+    that add could refuse (or broadcast) is checked first: a refused call changes nothing.
+    Written for TorchScript too (ABN scripts)."""
+    if residual.shape != x.shape or residual.device != x.device:
+        raise IABNError(f"residual must be a tensor like x (shape {x.shape} on {x.device}), "
+                        f"got shape {residual.shape} on {residual.device}")
+    if not torch.can_cast(torch.promote_types(x.dtype, residual.dtype), x.dtype):
+        raise IABNError(f"residual has dtype {residual.dtype}, which cannot be added in place "
+                        f"to an output of x's dtype {x.dtype}")
 
 
 class ABN(nn.Module):
@@ -49,8 +83,13 @@ class ABN(nn.Module):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
-                 activation: str = "leaky_relu", activation_param: float = 0.01):
+                 activation: str = "leaky_relu", activation_param: float = 0.01, *,
+                 bias: bool = True, device=None, dtype=None):
+        # bias, device and dtype as nn.BatchNorm takes them; keyword-only here, since the
+        # official positional order puts activation where BatchNorm has device.
         super().__init__()
+        _check_hyperparameters(num_features, eps, momentum)
+        factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
@@ -60,15 +99,19 @@ class ABN(nn.Module):
         self.activation_param = activation_param
         self._check_activation()
         if affine:
-            self.weight = nn.Parameter(torch.empty(num_features))
-            self.bias = nn.Parameter(torch.empty(num_features))
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features))
-            self.register_buffer("running_var", torch.ones(num_features))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked",
+                                 torch.tensor(0, dtype=torch.long, device=device))
         else:
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
@@ -79,6 +122,9 @@ class ABN(nn.Module):
         if self.activation not in _ABN_ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(map(repr, _ABN_ACTIVATIONS))}"
                              f", got {self.activation!r}")
+        # Not inverted here, so any finite slope/alpha does (the in-place classes need > 0).
+        if not math.isfinite(check_real("activation_param", self.activation_param, _fail)):
+            _fail(f"activation_param must be finite, got {self.activation_param!r}")
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
@@ -90,7 +136,8 @@ class ABN(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def _momentum_and_training(self):
         """(momentum, use batch statistics, counts this batch), with nn.BatchNorm's rules:
@@ -118,39 +165,55 @@ class ABN(nn.Module):
         return self.weight
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """act(BN(x)), or act(BN(x) + residual) with a residual like x."""
-        if residual is not None and not (isinstance(residual, torch.Tensor)
-                                         and residual.shape == x.shape
-                                         and residual.device == x.device):
-            # Checked before batch_norm updates the running stats, as the in-place modules
-            # do: a residual the add would refuse (or broadcast) must change nothing.
-            what = (f"shape {tuple(residual.shape)} on {residual.device}"
-                    if isinstance(residual, torch.Tensor) else f"a {type(residual).__name__}")
-            raise IABNError(f"residual must be a tensor like x (shape {tuple(x.shape)} on "
-                            f"{x.device}), got {what}")
-        momentum, training, counts = self._momentum_and_training()
-        running_mean, running_var = self._running_stats()
-        y = F.batch_norm(x, running_mean, running_var, self.weight, self.bias, training,
-                         momentum, self.eps)
-        self._count_batch(counts)
+        """act(BN(x)), or act(BN(x) + residual) with a residual like x.
+
+        nn.BatchNorm's rules are spelled out here rather than taken from the helpers the
+        in-place classes share, so that torch.jit.script and trace compile this method (as
+        they do the official ABN); the result is the same."""
+        if residual is not None:
+            if not isinstance(residual, torch.Tensor):  # statically false when scripted
+                raise IABNError(f"residual must be a tensor like x, got a "
+                                f"{type(residual).__name__}")
+            if not torch.jit.is_tracing():  # a trace sees sizes as tensors; it fixes them
+                _check_residual(x, residual)
+        counts = self.training and self.track_running_stats
+        momentum = 0.0
+        if self.momentum is not None:
+            momentum = float(self.momentum)
+        count = self.num_batches_tracked
+        if counts and self.momentum is None and count is not None:
+            momentum = 1.0 / (float(count) + 1.0)  # cumulative average over counted batches
+        # Training without tracked stats: batch stats, nothing to update. Eval without
+        # running stats (track_running_stats=False): batch stats too.
+        keep = self.track_running_stats or not self.training
+        y = F.batch_norm(x, self.running_mean if keep else None,
+                         self.running_var if keep else None, self.weight, self.bias,
+                         self.training or self.running_mean is None, momentum, float(self.eps))
+        if counts and count is not None:  # only once batch_norm has succeeded
+            count.add_(1)
         if residual is not None:
             y = y.add_(residual)
         # y is batch_norm's fresh output, so activating it in place never touches x.
         if self.activation == "relu":
             return F.relu(y, inplace=True)
         if self.activation == "leaky_relu":
-            return F.leaky_relu(y, self.activation_param, inplace=True)
+            return F.leaky_relu(y, float(self.activation_param), inplace=True)
         if self.activation == "elu":
-            return F.elu(y, self.activation_param, inplace=True)
+            return F.elu(y, float(self.activation_param), inplace=True)
         return y
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # Checkpoints from before num_batches_tracked existed load with a count of 0.
+        # nn.BatchNorm's rule: a state dict older than num_batches_tracked (version < 2, or
+        # a plain dict with no version) that lacks it keeps the module's own count (0 for a
+        # fresh module, or a meta one); a current one lacking it is reported as a missing
+        # key, or, with strict=False, leaves the count as it is too.
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+            own = self.num_batches_tracked
+            state_dict[key] = (own if own is not None and own.device.type != "meta"
+                               else torch.tensor(0, dtype=torch.long))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -158,9 +221,10 @@ class ABN(nn.Module):
         act = self.activation
         if act in ("leaky_relu", "elu"):
             act += f"[{self.activation_param}]"
+        no_bias = ", bias=False" if self.affine and self.bias is None else ""
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-                f"activation={act}")
+                f"affine={self.affine}{no_bias}, track_running_stats={self.track_running_stats}"
+                f", activation={act}")
 
 
 class InPlaceABN(ABN):
@@ -205,9 +269,9 @@ class InPlaceABNSync(ABN):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
                  activation: str = "leaky_relu", activation_param: float = 0.01,
-                 group: Optional[Any] = None):
+                 group: Optional[Any] = None, *, bias: bool = True, device=None, dtype=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, activation,
-                         activation_param)
+                         activation_param, bias=bias, device=device, dtype=dtype)
         self.group = group
 
     def set_group(self, group: Optional[Any]) -> None:
@@ -253,7 +317,7 @@ def from_batchnorm(bn: _BatchNorm, activation: str = "leaky_relu",
                         f"{type(bn).__name__}")
     cls = InPlaceABNSync if isinstance(bn, nn.SyncBatchNorm) else InPlaceABN
     m = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-            activation, activation_param)
+            activation, activation_param, bias=bn.bias is not None)
     if cls is InPlaceABNSync:  # synchronise over the same ranks (None: the default group)
         m.set_group(bn.process_group)
     like = _first_tensor(bn)
@@ -268,7 +332,8 @@ def from_batchnorm(bn: _BatchNorm, activation: str = "leaky_relu",
     with torch.no_grad():
         if bn.affine:
             m.weight.copy_((bn.weight - bn.eps).clamp_min(0))
-            m.bias.copy_(bn.bias)
+            if bn.bias is not None:  # nn.BatchNorm(bias=False)
+                m.bias.copy_(bn.bias)
         if bn.track_running_stats:
             m.running_mean.copy_(bn.running_mean)
             m.running_var.copy_(bn.running_var)
