@@ -67,16 +67,54 @@ def _check_residual(x: torch.Tensor, residual: torch.Tensor) -> None:
 
 
 class ABN(nn.Module):
-    """Activated batch norm: BatchNorm followed by an activation, not in place.
+    r"""Activated batch norm: ``act(BatchNorm(x))``, computed out of place with PyTorch's own
+    ops (``F.batch_norm`` and the activation), as the official ``inplace_abn.ABN``.
+
+    Per channel, with the batch's mean and biased variance in training (the running
+    statistics in eval)::
+
+        y = act(weight * (x - mean) / sqrt(var + eps) + bias [+ residual])
+
+    The running statistics follow ``nn.BatchNorm``: ``running = (1 - momentum) * running +
+    momentum * batch``, with the unbiased batch variance. Unlike :class:`InPlaceABN` the scale
+    is ``weight`` itself, ``"relu"`` is allowed, and the input is left as it is; use ABN where
+    an in-place layer cannot go (README, "In-place hazards") and for inference.
 
     Args:
-        num_features: channels C of inputs shaped (N, C) or (N, C, *).
-        eps: added to the variance (and, in the in-place modules, to |weight|).
-        momentum: running-stat update factor, or None for a cumulative average.
-        affine: learn `weight` and `bias`.
-        track_running_stats: keep running_mean/var (else batch statistics are always used).
-        activation: "leaky_relu", "elu", "identity" (or "relu", for ABN only).
-        activation_param: negative slope of leaky_relu, or alpha of elu.
+        num_features: C, the channels of an input of shape (N, C) or (N, C, *).
+        eps: added to the variance for numerical stability (the in-place modules also add
+            it to ``|weight|``). Default: 1e-5.
+        momentum: the weight of the batch in the running-statistics update, in [0, 1], or
+            ``None`` for a cumulative average over the batches seen. Default: 0.1.
+        affine: learn a per-channel ``weight`` (initialised to 1) and ``bias`` (0).
+            Default: True.
+        track_running_stats: keep ``running_mean``, ``running_var`` and
+            ``num_batches_tracked``, and normalise with the running statistics in eval mode;
+            if False, batch statistics are used in both modes. Default: True.
+        activation: ``"leaky_relu"``, ``"elu"``, ``"identity"``, or ``"relu"`` (ABN only).
+            Default: ``"leaky_relu"``.
+        activation_param: the negative slope of leaky_relu or the alpha of elu, > 0.
+            Default: 0.01.
+        bias: keyword-only; with ``affine``, learn ``bias`` too. Default: True.
+        device, dtype: keyword-only; of the parameters and buffers, as in ``nn.BatchNorm2d``.
+
+    Shape:
+        - Input: :math:`(N, C)` or :math:`(N, C, *)`, contiguous or ``channels_last``.
+        - residual (optional second argument of ``forward``): the shape of the input.
+        - Output: the shape of the input.
+
+    The state_dict keys are ``nn.BatchNorm2d``'s (``weight``, ``bias``, ``running_mean``,
+    ``running_var``, ``num_batches_tracked``).
+
+    Examples::
+
+        >>> import torch
+        >>> from iabn.torch import ABN
+        >>> layer = ABN(16, activation="relu")
+        >>> x = torch.randn(8, 16, 32, 32)
+        >>> y = layer(x)                                  # relu(BN(x)); x is unchanged
+        >>> y = layer(x, torch.randn(8, 16, 32, 32))      # relu(BN(x) + residual)
+        >>> layer = ABN(16, activation="elu", activation_param=1.0).eval()
     """
 
     _version = 2  # version 2 added num_batches_tracked (as in nn.BatchNorm)
@@ -85,6 +123,7 @@ class ABN(nn.Module):
                  affine: bool = True, track_running_stats: bool = True,
                  activation: str = "leaky_relu", activation_param: float = 0.01, *,
                  bias: bool = True, device=None, dtype=None):
+        """The arguments are described in the class docstring (``help(type(self))``)."""
         # bias, device and dtype as nn.BatchNorm takes them; keyword-only here, since the
         # official positional order puts activation where BatchNorm has device.
         super().__init__()
@@ -228,8 +267,70 @@ class ABN(nn.Module):
 
 
 class InPlaceABN(ABN):
-    """ABN computed in place: the input is overwritten with the output, and only the output
-    is kept for backward (gamma = |weight| + eps). Same arguments as ABN, without relu."""
+    r"""In-place activated batch norm (Rota Bulò, Porzi, Kontschieder, CVPR 2018): BatchNorm
+    and an invertible activation as one layer that writes its output over its input and keeps
+    only that output for backward, so a BN + activation + conv block stores one activation
+    tensor instead of two.
+
+    Per channel, with the batch's mean and biased variance in training (the running
+    statistics in eval)::
+
+        x <- z = act(gamma * (x - mean) / sqrt(var + eps) + bias [+ residual])
+        gamma = |weight| + eps
+
+    Backward recovers what it needs from z by inverting the activation and the affine step,
+    hence the activation must be invertible (leaky_relu, elu or identity; not relu) and the
+    scale is ``|weight| + eps``, never 0. That scale is not ``nn.BatchNorm``'s ``weight``:
+    turn a trained BatchNorm into this layer with :func:`from_batchnorm` (or
+    :func:`convert_model` for a whole model) rather than by loading its state_dict. The
+    running statistics follow ``nn.BatchNorm`` (unbiased batch variance, ``momentum=None``
+    for a cumulative average).
+
+    The input is overwritten, so it must not be needed afterwards: it may not be a leaf that
+    requires grad, and the op before the layer must not save its own output for backward
+    (e.g. a ReLU): see README, "In-place hazards". CUDA tensors run the CUDA kernels on
+    torch's current stream; CPU tensors run the NumPy backend (``IABN_BACKEND=emulator``:
+    the CUDA kernels in the CPU emulator).
+
+    Args:
+        num_features: C, the channels of an input of shape (N, C) or (N, C, *).
+        eps: added to the variance and to ``|weight|``. Default: 1e-5.
+        momentum: the weight of the batch in the running-statistics update, in [0, 1], or
+            ``None`` for a cumulative average over the batches seen. Default: 0.1.
+        affine: learn a per-channel ``weight`` (initialised to 1) and ``bias`` (0).
+            Default: True.
+        track_running_stats: keep ``running_mean``, ``running_var`` and
+            ``num_batches_tracked``, and normalise with the running statistics in eval mode;
+            if False, batch statistics are used in both modes. Default: True.
+        activation: ``"leaky_relu"``, ``"elu"`` or ``"identity"``. Default: ``"leaky_relu"``.
+        activation_param: the negative slope of leaky_relu or the alpha of elu, > 0.
+            Default: 0.01.
+        bias: keyword-only; with ``affine``, learn ``bias`` too. Default: True.
+        device, dtype: keyword-only; of the parameters and buffers, as in ``nn.BatchNorm2d``.
+
+    Shape:
+        - Input: :math:`(N, C)` or :math:`(N, C, *)`, contiguous or ``channels_last``;
+          float32, float64, float16 or bfloat16.
+        - residual (optional second argument of ``forward``): the input's shape, dtype and
+          memory layout; only read.
+        - Output: the input tensor itself, holding z.
+
+    Examples::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from iabn.torch import InPlaceABN
+        >>> net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), InPlaceABN(16))
+        >>> x = torch.randn(8, 3, 32, 32)
+        >>> z = net(x)                      # the conv's output now holds z
+        >>> z.sum().backward()
+        >>> # residual block tail: z = leaky_relu(BN(y) + r), written over y
+        >>> bn = InPlaceABN(16)
+        >>> y, r = torch.randn(8, 16, 32, 32), torch.randn(8, 16, 32, 32)
+        >>> z = bn(y, r)
+        >>> z is y
+        True
+    """
 
     def _check_activation(self):
         def fail(msg):
@@ -245,7 +346,13 @@ class InPlaceABN(ABN):
         return None if self.weight is None else self.weight.abs() + self.eps
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x <- act(BN(x) [+ residual]) in place; returns x."""
+        """x <- act(BN(x) [+ residual]) in place; returns x.
+
+        Args:
+            x: (N, C) or (N, C, *), overwritten with the output.
+            residual: optional, x's shape, dtype and layout; added before the activation,
+                only read (autograd keeps it as it is for backward).
+        """
         momentum, training, counts = self._momentum_and_training()
         running_mean, running_var = self._running_stats()
         z = inplace_abn(x, self.weight, self.bias, running_mean, running_var, training,
@@ -256,8 +363,38 @@ class InPlaceABN(ABN):
 
 
 class InPlaceABNSync(ABN):
-    """InPlaceABN with batch statistics synchronised over a torch.distributed group (None:
+    r"""InPlaceABN with batch statistics synchronised over a torch.distributed group (None:
     the default group). Without torch.distributed it runs locally and warns.
+
+    In training each rank's per-channel count, mean and variance are gathered and merged, so
+    every rank normalises with the statistics of the whole global batch, and backward
+    all-reduces the two per-channel sums it needs; the layer is otherwise
+    :class:`InPlaceABN` (in place, ``gamma = |weight| + eps``, no relu). Any backend works
+    (NCCL for CUDA tensors, gloo on the CPU). Without an initialised ``torch.distributed``
+    it runs unsynchronised and warns with ``SyncFallbackWarning``.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, activation,
+            activation_param, bias, device, dtype: as in :class:`InPlaceABN`.
+        group: the process group to synchronise over; None for the default (world) group.
+            ``active_group(active)`` builds a group of the ranks that pass ``active=True``.
+            Default: None.
+
+    Shape:
+        - Input: :math:`(N, C)` or :math:`(N, C, *)`, each rank its own N; C the same on
+          every rank.
+        - residual (optional second argument of ``forward``): the input's shape, dtype and
+          layout.
+        - Output: the input tensor itself, holding z.
+
+    Examples::
+
+        >>> # in each process, after torch.distributed.init_process_group(...)
+        >>> import torch
+        >>> from iabn.torch import InPlaceABNSync
+        >>> layer = InPlaceABNSync(16).cuda()
+        >>> z = layer(torch.randn(8, 16, 32, 32, device="cuda"))   # statistics of all ranks
+        >>> # or convert a model: convert_model(model, sync=True)
 
     Derives from ABN, not InPlaceABN, as in the official package: code that finds the
     unsynchronised layers with isinstance(m, InPlaceABN) must not pick these up. The
@@ -270,6 +407,7 @@ class InPlaceABNSync(ABN):
                  affine: bool = True, track_running_stats: bool = True,
                  activation: str = "leaky_relu", activation_param: float = 0.01,
                  group: Optional[Any] = None, *, bias: bool = True, device=None, dtype=None):
+        """The arguments are described in the class docstring (``help(type(self))``)."""
         super().__init__(num_features, eps, momentum, affine, track_running_stats, activation,
                          activation_param, bias=bias, device=device, dtype=dtype)
         self.group = group
