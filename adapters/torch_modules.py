@@ -21,7 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from iabn_core.activations import check_activation, check_real
 from iabn_core.validate import IABNError
 
-from .torch_ops import inplace_abn, inplace_abn_sync
+from .torch_ops import _apply, inplace_abn, inplace_abn_sync
 
 __all__ = ["ABN", "InPlaceABN", "InPlaceABNSync", "IN_PLACE_MODULES", "from_batchnorm",
            "to_batchnorm", "to_sync", "IABNConversionWarning"]
@@ -353,13 +353,20 @@ class InPlaceABN(ABN):
             residual: optional, x's shape, dtype and layout; added before the activation,
                 only read (autograd keeps it as it is for backward).
         """
-        momentum, training, counts = self._momentum_and_training()
-        running_mean, running_var = self._running_stats()
-        z = inplace_abn(x, self.weight, self.bias, running_mean, running_var, training,
-                        momentum, self.eps, self.activation, self.activation_param,
-                        residual=residual)
-        self._count_batch(counts)
-        return z
+        # The rules of _momentum_and_training / _running_stats, inlined: this runs once per
+        # layer per step, and each Module.__getattr__ or helper call is a Python frame.
+        params, buffers = self._parameters, self._buffers
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        momentum = self.momentum
+        counts = self.training and self.track_running_stats
+        if momentum is None:
+            momentum = 1.0 / (float(buffers["num_batches_tracked"]) + 1.0) if counts else 0.0
+        if self.training and not self.track_running_stats:
+            running_mean = running_var = None
+        return _apply(x, params["weight"], params["bias"], running_mean, running_var,
+                      self.training or running_mean is None, momentum, self.eps,
+                      self.activation, self.activation_param, "", residual,
+                      buffers["num_batches_tracked"] if counts else None)
 
 
 class InPlaceABNSync(ABN):

@@ -17,7 +17,6 @@ import warnings
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from iabn_core import backends as _backends
 from iabn_core import layout as _layout
@@ -27,8 +26,10 @@ from iabn_core import validate as _validate
 from iabn_core.validate import IABNError
 
 # Re-exported: tests and benchmarks reach the bridge through this module too.
+from . import torch_fast as _fast
 from .torch_bridge import (TORCH_DTYPES, _SUPPORTED, _acc_dtype, _backend_for,  # noqa: F401
                            _comm, _device_scope, _null_backend, from_core, to_core)
+from .torch_grad import closed_form_backward
 
 __all__ = ["inplace_abn", "inplace_abn_sync", "IABNError"]
 
@@ -53,6 +54,7 @@ def _forward_core(x, weight, bias, running_mean, running_var, training, momentum
                        activation=activation, activation_param=activation_param,
                        backend=_backend_for(x), comm=_comm(group_name),
                        residual=to_core(residual))
+    _fast.remember(ctx.sig, ctx.backend)
     return from_core(ctx.stats), ctx.sig
 
 
@@ -162,6 +164,11 @@ except AttributeError:  # pragma: no cover - older torch: always take the custom
         return 1
 
 
+# Gates the eager path: False in eager, and constant True inside a torch.compile trace (one
+# Python frame; torch.compiler.is_compiling costs two).
+_compiling = torch.compiler.is_dynamo_compiling
+
+
 def _eager(x: torch.Tensor) -> bool:
     """True when the Function may run the op bodies directly: a plain tensor, no compiler
     tracing, no dispatch mode (FakeTensorMode, make_fx, ...) watching. Otherwise it calls
@@ -174,6 +181,11 @@ def _eager(x: torch.Tensor) -> bool:
 
 
 class _InPlaceABN(torch.autograd.Function):
+    """The general path's autograd node (a signature's first call, torch.compile / export,
+    dispatch modes, synchronized BN, the NumPy backend); torch_fast.FastInPlaceABN is the
+    eager path's. Returns (x, stats): the stats output lets a double backward reach the batch
+    statistics (torch_grad), and first-order backward ignores it."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps,
                 activation, activation_param, group_name, residual):
@@ -191,6 +203,7 @@ class _InPlaceABN(torch.autograd.Function):
                                                        group_name, residual)
             ctx.sig = None
         ctx.mark_dirty(x)  # also bumps x's version counter
+        ctx.set_materialize_grads(False)
         # Only the output z (x's buffer) and per-channel tensors: backward inverts the
         # activation and the affine map to recover what standard BN would have saved. A
         # residual is saved as it is (no copy): in a residual block it is the block's input,
@@ -198,43 +211,66 @@ class _InPlaceABN(torch.autograd.Function):
         # ctx.sig (plain Python: the problem, plans, kernel handles) holds no tensor memory.
         ctx.save_for_backward(x, stats, weight, bias, residual)
         ctx.cfg = (training, eps, activation, activation_param, group_name)
-        return x
+        return x, stats
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, dz):
+    def backward(ctx, dz, dstats):
         z, stats, weight, bias, residual = ctx.saved_tensors
         training, eps, activation, activation_param, group_name = ctx.cfg
-        # The gradient autograd hands us is not ours to overwrite: it may be aliased (an add's
-        # backward passes the same tensor to both branches; `z.backward(g)` passes the user's
-        # g). So dx is always a new buffer in z's layout (the grad_input standard BN allocates
-        # too), and the kernels read dz and write dx in one pass. Only a dz whose memory
-        # layout differs from z's (a contiguous grad for a channels-last z, or the stride-0
-        # grad of .sum()) is first copied into dx, explicitly, and then processed in place:
-        # this copies the gradient, never the user's input, so the in-place contract holds.
-        dx = torch.empty_like(z, memory_format=torch.preserve_format)
-        if not _same_layout(dz, z):
-            dx.copy_(dz)
-            dz = dx
-        # dr = dy is a gradient of its own (not dx's buffer): a new tensor in z's layout.
-        dr = None if residual is None else torch.empty_like(z, memory_format=torch.preserve_format)
-        if ctx.sig is not None and _eager(z):
-            dweight, dbias = _backward_impl(z, dz, dx, stats, weight, bias, training, eps,
-                                            activation, activation_param, group_name, residual,
-                                            dr, ctx.sig)
-            torch.autograd.graph.increment_version([dx] if dr is None else [dx, dr])
+        needs = ctx.needs_input_grad
+        if not torch.compiler.is_compiling() and (
+                dstats is not None or dz is None or torch.is_grad_enabled()):
+            # A graph of the backward is asked for (create_graph=True), or the second pass of
+            # a double backward: the differentiable closed form (torch_grad). A compiled
+            # graph keeps the custom op: AOTAutograd's backward refuses double backward
+            # itself, and it hands this one zeros for the stats output.
+            if group_name and training:
+                raise RuntimeError(
+                    "inplace_abn_sync does not support double backward (create_graph=True, "
+                    "gradient penalties): its statistics span several processes. Use "
+                    "InPlaceABN / ABN for that part of the model")
+            dinv = None if dstats is None or not training else dstats[3]
+            dx, dweight, dbias, dr = closed_form_backward(
+                z, dz, stats[3], weight, bias, residual, training, eps, activation,
+                activation_param, dinv)
         else:
-            # The custom op bumps dx's version counter itself (torch.library registers an
-            # ADInplaceOrView kernel for every argument in mutates_args).
-            dweight, dbias = torch.ops.iabn.inplace_abn_backward(z, dz, dx, stats, weight,
-                                                                 bias, training, eps,
-                                                                 activation, activation_param,
-                                                                 group_name, residual, dr)
+            dx, dweight, dbias, dr = _first_order_backward(ctx, z, dz, stats, weight, bias,
+                                                           residual)
         return (dx,
-                dweight if weight is not None and ctx.needs_input_grad[1] else None,
-                dbias if bias is not None and ctx.needs_input_grad[2] else None,
+                dweight if weight is not None and needs[1] else None,
+                dbias if bias is not None and needs[2] else None,
                 None, None, None, None, None, None, None, None,
-                dr if ctx.needs_input_grad[11] else None)
+                dr if needs[11] else None)
+
+
+def _first_order_backward(ctx, z, dz, stats, weight, bias, residual):
+    training, eps, activation, activation_param, group_name = ctx.cfg
+    # The gradient autograd hands us is not ours to overwrite: it may be aliased (an add's
+    # backward passes the same tensor to both branches; `z.backward(g)` passes the user's
+    # g). So dx is always a new buffer in z's layout (the grad_input standard BN allocates
+    # too), and the kernels read dz and write dx in one pass. Only a dz whose memory
+    # layout differs from z's (a contiguous grad for a channels-last z, or the stride-0
+    # grad of .sum()) is first copied into dx, explicitly, and then processed in place:
+    # this copies the gradient, never the user's input, so the in-place contract holds.
+    dx = torch.empty_like(z, memory_format=torch.preserve_format)
+    if not _same_layout(dz, z):
+        dx.copy_(dz)
+        dz = dx
+    # dr = dy is a gradient of its own (not dx's buffer): a new tensor in z's layout.
+    dr = None if residual is None else torch.empty_like(z, memory_format=torch.preserve_format)
+    if ctx.sig is not None and _eager(z):
+        dweight, dbias = _backward_impl(z, dz, dx, stats, weight, bias, training, eps,
+                                        activation, activation_param, group_name, residual,
+                                        dr, ctx.sig)
+        torch.autograd.graph.increment_version([dx] if dr is None else [dx, dr])
+    else:
+        # The custom op bumps dx's version counter itself (torch.library registers an
+        # ADInplaceOrView kernel for every argument in mutates_args).
+        dweight, dbias = torch.ops.iabn.inplace_abn_backward(z, dz, dx, stats, weight,
+                                                             bias, training, eps,
+                                                             activation, activation_param,
+                                                             group_name, residual, dr)
+    return dx, dweight, dbias, dr
 
 
 # ------------------------------------------------------------------------------------------
@@ -339,13 +375,34 @@ def inplace_abn(x, weight, bias, running_mean, running_var, training=True, momen
 
 
 def _apply(x, weight, bias, running_mean, running_var, training, momentum, eps, activation,
-           activation_param, group_name, residual=None):
+           activation_param, group_name, residual=None, counter=None):
+    """The functional forms' body, and the modules': `counter` is the module's
+    num_batches_tracked to increment when the call succeeds (the fast path's forward kernel
+    increments it, saving a launch), or None."""
+    k = None
+    if not group_name and not _compiling() and not _dispatch_modes():
+        # A signature seen before: the eager path over pointers (torch_fast).
+        k = _fast.key(x, weight, bias, running_mean, running_var, residual, training, eps,
+                      activation, activation_param)
+        entry = _fast._entries.get(k)
+        if entry is not None:
+            admitted = _fast.admit(entry, x, weight, bias, running_mean, running_var,
+                                   residual, momentum, counter)
+            if admitted is not None:
+                return _fast.apply(x, weight, bias, residual, entry, admitted, running_mean,
+                                   running_var, counter, momentum)[0]
     _check_tensors(x, weight, bias, running_mean, running_var, training, residual)
     _validate.check_scalars(training, momentum, eps, activation, activation_param,
                             acc_dtype="float64" if x.dtype == torch.float64 else "float32")
-    return _InPlaceABN.apply(x, weight, bias, running_mean, running_var, training,
-                             float(momentum), float(eps), activation, float(activation_param),
-                             group_name, residual)
+    z = _InPlaceABN.apply(x, weight, bias, running_mean, running_var, training,
+                          float(momentum), float(eps), activation, float(activation_param),
+                          group_name, residual)[0]
+    if counter is not None:  # only once the op has succeeded: a rejected call changes nothing
+        counter.add_(1)
+    if k is not None:  # passed every check and ran: later calls like it take the fast path
+        _fast.register(k, x, weight, bias, running_mean, running_var, residual, training,
+                       eps, activation, activation_param)
+    return z
 
 
 class SyncFallbackWarning(UserWarning, RuntimeWarning):

@@ -73,6 +73,17 @@ def strided_view(a, shape, strides_elems):
     return cupy.lib.stride_tricks.as_strided(a, shape=shape, strides=strides)
 
 
+def zeros(like, shape, dtype_name: str):
+    """Zeros of a canonical dtype, on `like`'s kind of array and device."""
+    from .dtypes import numpy_dtype
+
+    if kind(like) == "numpy":
+        return np.zeros(shape, dtype=numpy_dtype(dtype_name))
+    import cupy
+
+    return cupy.zeros(shape, dtype=numpy_dtype(dtype_name))
+
+
 def empty_like(a):
     """New uninitialised array with a's shape, dtype, device and memory order (order="K")."""
     if kind(a) == "numpy":

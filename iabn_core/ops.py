@@ -93,6 +93,9 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
         # Same C everywhere and a global count >= 2, checked on every rank before the stats
         # all-gather (whose sizes must match on all ranks); see iabn_core/comm.py.
         _comm.agree(comm, prob.c, prob.count, x)
+    if not prob.count and not synced:  # an empty batch: nothing to normalise or to learn
+        return Context(prob, layout, tuple(x.shape), be, _empty_stats(x, prob), weight, bias,
+                       training, x, comm, residual is not None, sig)
     # Compile/load every kernel this call needs before the first write: a compiler or loader
     # failure must not leave running stats updated and x untouched.
     be.prepare(prob, ("stats.cu", "forward.cu"))
@@ -132,8 +135,23 @@ def backward(ctx: Context, z, dz, out=None, residual=None, *, residual_out=None)
         return _backward(ctx, z, dz, out, residual, residual_out)
 
 
+def _empty_stats(like, prob):
+    """The stats of an empty batch: count 0, mean 0, var 0, invstd 1/sqrt(eps)."""
+    stats = arrays.zeros(like, (4, prob.c), prob.acc_dtype)
+    stats[3] = prob.eps ** -0.5
+    return stats
+
+
 def _backward(ctx: Context, z, dz, out, residual=None, residual_out=None):
     prob, be = ctx.prob, ctx.backend
+    if not prob.count and not (ctx.comm is not None and ctx.training):
+        # An empty batch (see _forward): zero parameter gradients, nothing else to write.
+        grads = [arrays.zeros(z, (prob.c,), prob.param_dtype) if present else None
+                 for present in (prob.has_weight, prob.has_bias)]
+        dx = dz if out is None else out
+        if residual is None:
+            return (dx, *grads)
+        return (dx, *grads, arrays.empty_like(z) if residual_out is None else residual_out)
     be.prepare(prob, ("backward.cu",))
     z3, dz3 = view3(z, ctx.layout), view3(dz, ctx.layout)
     dx3 = dz3 if out is None else view3(out, ctx.layout)

@@ -156,9 +156,10 @@ def signature(x, weight, bias, running_mean, running_var, *, training, momentum,
     param_dt = check_params(x, c, x_dtype, params)
     if not training and running_mean is None:
         _fail("running_mean and running_var are required when training=False")
-    if n * s == 0 and min_count > 0:
-        _fail(f"x has no values per channel (shape {tuple(x.shape)})")
-    if training and n * s < min_count:
+    # No values at all is an empty batch (a detection head without instances): like
+    # torch.nn.BatchNorm it gives an empty output and leaves the running stats. One value
+    # per channel cannot give a variance.
+    if training and 0 < n * s < min_count:
         _fail(f"Expected more than 1 value per channel when training, got x of shape "
               f"{tuple(x.shape)}")
     prob = Problem(n=n, c=c, s=s, layout=layout, x_dtype=x_dtype, param_dtype=param_dt,

@@ -10,6 +10,7 @@
 // in the last two by every block for its own channels (finalize.cuh: the same bits as
 // iabn_stats_finalize); the blocks with blockIdx.y == 0, one per channel, also store `stats`
 // and, in training, update the running statistics. A training forward is then two launches.
+// `batches` (optional) is the module's num_batches_tracked counter, incremented once.
 #include "activations.cuh"
 #include "common.cuh"
 #include "finalize.cuh"
@@ -26,9 +27,14 @@ iabn_forward(T* __restrict__ x, iabn::acc_t<T>* __restrict__ stats, const P* __r
              long long C, long long S, long long seg, const T* __restrict__ residual,
              const iabn::acc_t<T>* __restrict__ partials, long long R, const P* __restrict__ eval_mean,
              const P* __restrict__ eval_var, P* __restrict__ running_mean, P* __restrict__ running_var,
-             iabn::acc_t<T> momentum, iabn::acc_t<T> eval_count, int mode) {
+             iabn::acc_t<T> momentum, iabn::acc_t<T> eval_count, int mode,
+             long long* __restrict__ batches) {
   using namespace iabn;
   typedef acc_t<T> Acc;
+  // The module's num_batches_tracked, counted here by one thread (nothing in this launch
+  // reads it) instead of by a separate launch of torch's add_; null when not counting.
+  if (batches && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && threadIdx.y == 0)
+    store(batches, load(batches) + 1);
   constexpr int CH = Layout::template channels_per_thread<VEC>();
   ForwardCoef<Acc> coef[CH];
   Layout::channel_constants(C, coef, [&](long long c) {

@@ -42,6 +42,9 @@ class CudaRuntime:
         self._functions: dict[tuple, object] = {}
         self._allocator = allocator  # optional (shape, dtype_name) -> array, e.g. torch-backed
         self._sm: dict[int, int] = {}
+        # The driver's cuLaunchKernel (Cython, no Python frame): launch programs call it
+        # directly with their packed kernelParams (iabn_core.program).
+        self.launch_packed = self.cupy.cuda.driver.launchKernel
 
     @property
     def sm_count(self) -> int:
@@ -52,6 +55,13 @@ class CudaRuntime:
 
     def ptr(self, a) -> int:
         return a.data.ptr
+
+    def stream(self) -> int:
+        return self.cupy.cuda.get_current_stream().ptr
+
+    @staticmethod
+    def handle(fn) -> int:
+        return fn.ptr  # the CUfunction
 
     def empty(self, shape, dtype_name):
         if self._allocator is not None:

@@ -34,12 +34,38 @@ class EmulatorRuntime:
         mod = self._modules.get(spec)
         if mod is None:
             mod = self._modules[spec] = build_module(assembled(spec.filename), list(spec.names))
-        kernel = mod.get_function(name)
+        return _Launcher(mod.get_function(name), self.traffic)
 
-        def launch(grid, block, args):
-            kernel(grid, block, args)
-            loaded, stored = kernel.last_traffic
-            self.traffic[0] += loaded
-            self.traffic[1] += stored
+    def stream(self) -> int:
+        return 0
 
-        return launch
+    @staticmethod
+    def handle(fn):
+        return fn
+
+    @staticmethod
+    def launch_packed(fn, gx, gy, gz, bx, by, bz, smem, stream, params, extra) -> None:
+        """The driver's launch signature over the emulator: runs the kernel now."""
+        fn.kernel.launch_packed((gx, gy, gz), (bx, by, bz), smem, params)
+        fn.count_traffic()
+
+    @staticmethod
+    def check_packed(fn, args) -> None:
+        fn.kernel.check_packed(args)
+
+
+class _Launcher:
+    """An emulated kernel as the stages call it (k(grid, block, args)), adding its global
+    traffic to the runtime's counters after every launch."""
+
+    def __init__(self, kernel, traffic: list):
+        self.kernel, self._traffic = kernel, traffic
+
+    def __call__(self, grid, block, args) -> None:
+        self.kernel(grid, block, args)
+        self.count_traffic()
+
+    def count_traffic(self) -> None:
+        loaded, stored = self.kernel.last_traffic
+        self._traffic[0] += loaded
+        self._traffic[1] += stored

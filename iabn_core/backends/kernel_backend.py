@@ -3,15 +3,20 @@
 
 Everything but the engine is common: picking the instantiation, planning the grid, allocating
 the small per-channel buffers and marshalling arguments. A `Runtime` supplies the engine:
-  function(spec, name) -> launchable kernel   (called as k(grid, block, args))
+  function(spec, name) -> launchable kernel   (called as k(grid, block, args): the stages)
+  handle(fn), launch_packed(handle, gx, gy, gz, bx, by, bz, smem, stream, params, extra)
+                                              (the driver-shaped launch programs replay)
   empty(shape, dtype_name) -> array           (uninitialised; every kernel writes all it reads)
-  sm_count, ptr(array), null (the value passed for a null pointer)
+  sm_count, ptr(array), null (the value passed for a null pointer), stream()
 
-Per call, only what depends on the buffers is worked out: the vector width (from the data
-pointers' alignment) and the argument tuples. The optional residual (and its gradient) is a
-null pointer when absent: the same instantiations serve both forms, with a block-uniform
-branch in the loop body. Kernel handles, grids and the packed scalar
-arguments are derived once per Problem and kept in `prob.memo` (see iabn_core.signature).
+The stage methods (batch_stats, finalize, forward, ...) launch at once; synchronized BN runs
+them one by one with its exchanges between. The unsynchronised sequences, forward_all and
+backward_all, run as launch programs (iabn_core.program): recorded once per problem, flags
+and alignment class by running the same stage code over named buffers, then replayed per call
+with this call's pointers. The optional residual (and its gradient) is a null pointer when
+absent: the same instantiations serve both forms, with a block-uniform branch in the loop body.
+Kernel handles, grids, packed scalar arguments and programs are derived once per Problem and
+kept in `prob.memo` (see iabn_core.signature).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import numpy as np
 from .. import instantiations as inst
 from .. import plan as planning
 from ..dtypes import find_pair, numpy_dtype
+from ..program import MOMENTUM, NULL, WORKSPACE, Launch, Program, Ref
 from .base import PARTIAL_ROWS, STATS_ROWS, SUM_ROWS, Composites, Problem
 
 MODE_MERGE, MODE_TRAIN, MODE_EVAL = 0, 1, 2  # FinalizeMode in kernels/finalize.cuh
@@ -62,7 +68,7 @@ class KernelBackend(Composites):
 
     def prepare(self, prob: Problem, filenames) -> None:
         """Compile/load the modules a call will use, before it writes anything."""
-        key = (self, "prepared", tuple(filenames))
+        key = (self.rt, "prepared", tuple(filenames))
         if key in prob.memo:
             return
         pair = self._pair(prob)
@@ -79,7 +85,7 @@ class KernelBackend(Composites):
         return numpy_dtype(prob.acc_dtype).type(v)
 
     def _recipe(self, prob: Problem, stage: str, vec: int) -> Recipe:
-        key = (self, stage, vec)
+        key = (self.rt, stage, vec)
         r = prob.memo.get(key)
         if r is None:
             filename, name_of = _STAGES[stage]
@@ -96,7 +102,7 @@ class KernelBackend(Composites):
 
     def _per_channel(self, prob: Problem, filename: str, name_of) -> Recipe:
         """Recipe of a one-thread-per-channel finalize kernel."""
-        key = (self, filename, "per_channel")
+        key = (self.rt, filename, "per_channel")
         r = prob.memo.get(key)
         if r is None:
             pair = self._pair(prob)
@@ -108,7 +114,7 @@ class KernelBackend(Composites):
 
     def _widest(self, prob: Problem) -> int:
         """The vector width the problem's inner extent allows; pointers may still force 1."""
-        key = (self, "vec")
+        key = (self.rt, "vec")
         v = prob.memo.get(key)
         if v is None:
             v = planning.choose_vec(prob, ())
@@ -162,7 +168,7 @@ class KernelBackend(Composites):
         # Eval only reads the running stats, through the kernel's const pointers, so read-only
         # running stats are fine there (the same rule validate applies for every backend).
         rm, rv = self._opt(running_mean), self._opt(running_var)
-        nz = self.rt.null
+        nz = self._opt(None)
         read, update = ((rm, rv), (nz, nz)) if mode == MODE_EVAL else ((nz, nz), (rm, rv))
         self._run(r, (self._opt(partials), np.int64(nrows)) + r.shape + (out,) + read + update
                   + (self._acc(prob, momentum),) + r.scalars + (_MODE[mode],))
@@ -180,17 +186,18 @@ class KernelBackend(Composites):
 
     # -- forward / backward ------------------------------------------------------------------
     def _forward_with(self, prob, vec, x3, stats, weight, bias, residual3=None, mode=MODE_MERGE,
-                      partials=None, running_mean=None, running_var=None, momentum=0.0):
+                      partials=None, running_mean=None, running_var=None, momentum=0.0,
+                      batches=None):
         """mode MODE_MERGE: stats given; MODE_TRAIN / MODE_EVAL: the kernel finalizes the
         stats itself from the partials / the running stats (kernels/forward.cu)."""
         r = self._recipe(prob, "forward", vec)
-        nz = self.rt.null
+        nz = self._opt(None)
         rm, rv = self._opt(running_mean), self._opt(running_var)
         read, update = ((rm, rv), (nz, nz)) if mode == MODE_EVAL else ((nz, nz), (rm, rv))
         nrows = 0 if partials is None else partials.shape[0]
         self._run(r, (x3, stats, self._opt(weight), self._opt(bias)) + r.scalars + r.shape
                   + (self._opt(residual3), self._opt(partials), np.int64(nrows)) + read + update
-                  + (self._acc(prob, momentum), r.count, _MODE[mode]))
+                  + (self._acc(prob, momentum), r.count, _MODE[mode], self._opt(batches)))
 
     def forward(self, prob: Problem, x3, stats, weight, bias, residual3=None):
         self._forward_with(prob, self._vec(prob, x3, residual3), x3, stats, weight, bias,
@@ -198,14 +205,24 @@ class KernelBackend(Composites):
 
     def forward_all(self, prob: Problem, x3, running_mean, running_var, momentum, training,
                     weight, bias, residual3=None):
-        """The unsynchronised forward: 2 launches in training (batch_stats, then forward
+        """The unsynchronised forward as one launch program (`_forward_sequence`): returns the
+        stats (4, C), the head of the one workspace allocation."""
+        ptr = self._ptr
+        ptrs = (ptr(x3), ptr(weight), ptr(bias), ptr(running_mean), ptr(running_var),
+                ptr(residual3), 0)
+        prog = self.program(prob, "forward", training, residual3 is not None,
+                            self.align_mask(prob, ptrs[0], ptrs[5]))
+        ws = self.rt.empty((prog.ws_bytes // _itemsize(prob.acc_dtype),), prob.acc_dtype)
+        prog.run(ptrs, ptr(ws), float(momentum), self.rt.stream())
+        return ws[:STATS_ROWS * prob.c].reshape(STATS_ROWS, prob.c)
+
+    def _forward_sequence(self, prob: Problem, x3, running_mean, running_var, momentum, training,
+                          weight, bias, residual3=None, batches=None):
+        """The unsynchronised forward's launches: 2 in training (batch_stats, then forward
         finalizing for itself; 3 when the partials are too many for every block to merge them,
-        plan.fuse_merge: batch_stats, finalize, forward), 1 in eval, and one workspace
-        allocation: the returned stats and, behind them, the block partials (G x 3 x C
-        accumulators, a few KiB at most, which stay allocated as long as the stats do)."""
-        if not prob.count:  # nothing for the forward kernel to run over: finalize alone
-            return Composites.forward_all(self, prob, x3, running_mean, running_var, momentum,
-                                          training, weight, bias, residual3)
+        plan.fuse_merge: batch_stats, finalize, forward), 1 in eval, and one workspace: the
+        stats at its head and, behind them, the block partials (G x 3 x C accumulators, a few
+        KiB at most, which stay allocated as long as the stats do)."""
         vec = self._vec(prob, x3, residual3)  # batch_stats reads x alone: its width may differ
         vec_stats = vec if vec > 1 or residual3 is None else self._vec(prob, x3)
         if training:
@@ -214,15 +231,16 @@ class KernelBackend(Composites):
             self._batch_stats_into(r, x3, partials)
             if planning.fuse_merge(prob, r.g, vec):
                 self._forward_with(prob, vec, x3, stats, weight, bias, residual3, MODE_TRAIN,
-                                   partials, running_mean, running_var, momentum)
+                                   partials, running_mean, running_var, momentum, batches)
             else:  # many partials (small C): one split merge, not one per block
                 self._finalize_into(prob, stats, partials, running_mean, running_var, momentum,
                                     MODE_TRAIN)
-                self._forward_with(prob, vec, x3, stats, weight, bias, residual3)
+                self._forward_with(prob, vec, x3, stats, weight, bias, residual3,
+                                   batches=batches)
         else:
             (stats,) = self._acc_empty(prob, (STATS_ROWS,))
             self._forward_with(prob, vec, x3, stats, weight, bias, residual3, MODE_EVAL, None,
-                               running_mean, running_var)
+                               running_mean, running_var, batches=batches)
         return stats
 
     def _reduce_into(self, r, z3, dz3, partials, weight, bias, residual3=None):
@@ -274,15 +292,28 @@ class KernelBackend(Composites):
 
     def backward_all(self, prob: Problem, z3, dz3, stats, weight, bias, training, dx3=None,
                      residual3=None, dresidual3=None):
-        """The unsynchronised backward: the reduction, then the elementwise kernel summing its
-        partials itself and storing dweight/dbias (2 launches; 1 in eval without parameters;
-        3 with a finalize launch between them when plan.fuse_merge says the partials are too
-        many), with one workspace allocation (partials and sums) besides the parameter
+        """The unsynchronised backward as one launch program (`_backward_sequence`); returns
+        (dweight, dbias), each its own allocation (None where absent)."""
+        ptr = self._ptr
+        inplace = dx3 is None or dx3 is dz3
+        dweight, dbias = self._param_grads(prob)
+        ptrs = (ptr(z3), ptr(dz3), ptr(dz3 if inplace else dx3), ptr(stats), ptr(weight),
+                ptr(bias), ptr(residual3), ptr(dresidual3), ptr(dweight), ptr(dbias))
+        mask = self.align_mask(prob, *ptrs[:3], ptrs[6], ptrs[7])
+        prog = self.program(prob, "backward_inplace" if inplace else "backward", training,
+                            residual3 is not None, mask)
+        ws = self.rt.empty((prog.ws_bytes // _itemsize(prob.acc_dtype),), prob.acc_dtype)
+        prog.run(ptrs, ptr(ws), 0.0, self.rt.stream())
+        return dweight, dbias
+
+    def _backward_sequence(self, prob: Problem, z3, dz3, stats, weight, bias, training, dx3=None,
+                           residual3=None, dresidual3=None):
+        """The unsynchronised backward's launches: the reduction, then the elementwise kernel
+        summing its partials itself and storing dweight/dbias (2 launches; 1 in eval without
+        parameters; 3 with a finalize launch between them when plan.fuse_merge says the
+        partials are too many), with one workspace (partials and sums) besides the parameter
         gradients."""
         dx3 = dz3 if dx3 is None else dx3
-        if not prob.count:
-            return Composites.backward_all(self, prob, z3, dz3, stats, weight, bias, training,
-                                           dx3, residual3, dresidual3)
         # the reduction's width; dx3 and the residual's gradient may narrow the other's
         vec = self._vec(prob, z3, dz3, residual3)
         vec_ew = vec if vec == 1 else self._vec(prob, None if dx3 is dz3 else dx3, dresidual3)
@@ -295,8 +326,114 @@ class KernelBackend(Composites):
             dweight, dbias = self._param_grads(prob)
             if planning.fuse_merge(prob, r.g, vec_ew):
                 merge = (partials, dweight, dbias)
-            else:  # many partials (small C): one split merge, see forward_all
+            else:  # many partials (small C): one split merge, see _forward_sequence
                 self._backward_finalize_into(prob, partials, sums, weight, dweight, dbias)
         self._elementwise_with(prob, vec_ew, z3, dz3, dx3, stats, sums, weight, bias, training,
                                residual3, dresidual3, *merge)
         return dweight, dbias
+
+    # -- launch programs ---------------------------------------------------------------------
+    def _ptr(self, a) -> int:
+        return 0 if a is None else self.rt.ptr(a)
+
+    def align_mask(self, prob: Problem, *ptrs) -> int:
+        """Bit i set when the i-th big buffer (program.ALIGN_INPUTS order) allows vector
+        access; 0 when the problem's inner extent allows none anyway (one program)."""
+        if self._widest(prob) == 1:
+            return 0
+        mask = 0
+        for i, p in enumerate(ptrs):
+            if not p % inst.VECTOR_BYTES:
+                mask |= 1 << i
+        return mask
+
+    def program(self, prob: Problem, kind: str, training: bool, has_residual: bool,
+                mask: int) -> Program:
+        """The launch program of `kind` ("forward", "backward" or "backward_inplace") for this
+        problem, built on first use by recording the sequence over named buffers."""
+        key = (self.rt, "program", kind, training, has_residual, mask)
+        prog = prob.memo.get(key)
+        if prog is None:
+            prog = prob.memo[key] = _Recorder(self, prob, kind, mask).build(training,
+                                                                             has_residual)
+        return prog
+
+
+def _itemsize(dtype_name: str) -> int:
+    return numpy_dtype(dtype_name).itemsize
+
+
+# num_batches_tracked: the module's counter, which the forward kernel increments (0: none).
+FORWARD_INPUTS = ("x", "weight", "bias", "running_mean", "running_var", "residual",
+                  "num_batches_tracked")
+BACKWARD_INPUTS = ("z", "dz", "dx", "stats", "weight", "bias", "residual", "dresidual",
+                   "dweight", "dbias")
+# The big buffers whose 16-byte alignment picks the vector width, in align_mask's bit order.
+ALIGN_INPUTS = {"forward": ("x", "residual"), "backward": ("z", "dz", "dx", "residual",
+                                                           "dresidual")}
+
+
+class _Recorder(KernelBackend):
+    """Runs a sequence over named buffers (program.Ref) instead of arrays and keeps its
+    launches: the stage code is the one that runs, so a program cannot drift from it."""
+
+    def __init__(self, be: KernelBackend, prob: Problem, kind: str, mask: int):
+        super().__init__(be.rt)
+        self.owner, self.prob, self.kind = be, prob, kind
+        names = ALIGN_INPUTS["forward" if kind == "forward" else "backward"]
+        self.aligned = {n for i, n in enumerate(names) if mask >> i & 1}
+        self.recorded: list[Launch] = []
+        self.ws_bytes = 0
+
+    def build(self, training: bool, has_residual: bool) -> Program:
+        prob = self.prob
+        w = Ref("weight") if prob.has_weight else None
+        b = Ref("bias") if prob.has_bias else None
+        r = Ref("residual") if has_residual else None
+        if self.kind == "forward":
+            # absent running stats arrive as null pointers (0): the kernels test the pointer
+            self._forward_sequence(prob, Ref("x"), Ref("running_mean"), Ref("running_var"),
+                                   MOMENTUM, training, w, b, r, Ref("num_batches_tracked"))
+            inputs = FORWARD_INPUTS
+        else:
+            dz = Ref("dz")
+            dx = dz if self.kind == "backward_inplace" else Ref("dx")
+            self._backward_sequence(prob, Ref("z"), dz, Ref("stats"), w, b, training, dx, r,
+                                    Ref("dresidual") if has_residual else None)
+            inputs = BACKWARD_INPUTS
+        check = getattr(self.rt, "check_packed", None)
+        for ln in self.recorded:
+            if check is not None:
+                check(ln.fn, ln.args)
+        return Program(self.rt, inputs, self.recorded, self.ws_bytes, prob.acc_dtype,
+                       counter=self.owner)
+
+    # -- the recording overrides -------------------------------------------------------------
+    def _run(self, r: Recipe, args) -> None:
+        self.recorded.append(Launch(r.fn, r.grid, r.block, tuple(args)))
+
+    def _opt(self, a):
+        return NULL if a is None else a
+
+    def _acc(self, prob: Problem, v):
+        return MOMENTUM if v is MOMENTUM else super()._acc(prob, v)
+
+    def _vec(self, prob: Problem, *refs) -> int:
+        v = self._widest(prob)
+        for a in refs:
+            if a is not None and a.name not in self.aligned:
+                return 1
+        return v
+
+    def _acc_empty(self, prob: Problem, *rows):
+        size = _itemsize(prob.acc_dtype)
+        out = []
+        for r in rows:
+            shape = r + (prob.c,)
+            out.append(Ref(WORKSPACE, self.ws_bytes, shape))
+            self.ws_bytes += math.prod(shape) * size
+        return out
+
+    def _param_grads(self, prob: Problem):
+        return (Ref("dweight") if prob.has_weight else None,
+                Ref("dbias") if prob.has_bias else None)

@@ -32,8 +32,19 @@ class NullRuntime:
         self._functions: dict[tuple, object] = {}
         self._allocator = allocator  # optional (shape, dtype_name) -> array, as in CudaRuntime
 
+    # The driver-shaped launch of iabn_core.program: a C-level call that takes and ignores any
+    # positional arguments, so `null` takes the cuda runtime's Python route call for call.
+    launch_packed = "".format
+
     def ptr(self, a) -> int:
         return a.ctypes.data
+
+    def stream(self) -> int:
+        return 0
+
+    @staticmethod
+    def handle(fn) -> int:
+        return 0
 
     def empty(self, shape, dtype_name):
         if self._allocator is not None:

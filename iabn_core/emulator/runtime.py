@@ -150,6 +150,33 @@ class Kernel:
         addrs = (ctypes.c_void_p * max(1, len(args)))()
         for i, (ptype, arg) in enumerate(zip(self.signature, args)):
             addrs[i] = self._marshal(i, ptype, arg, keep)
+        self._launch_with(g, b, shared_mem, addrs)
+        del keep
+
+    def launch_packed(self, grid, block, shared_mem, params: int) -> None:
+        """Launch with a driver-style `kernelParams` array at address `params` (one pointer
+        per parameter, each to its value), as iabn_core.program packs it; no per-argument
+        checks (`check_packed` makes them once, when the program is built)."""
+        g, b = _dim3(tuple(grid), "grid"), _dim3(tuple(block), "block")
+        self._launch_with(g, b, int(shared_mem),
+                          ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p)))
+
+    def check_packed(self, args) -> None:
+        """Every argument a program will pack fits this kernel's parameter (pointers for
+        pointer parameters, scalars of the exact dtype otherwise)."""
+        if len(args) != len(self.signature):
+            raise TypeError(f"{self.name}: expected {len(self.signature)} arguments "
+                            f"{self.signature}, got {len(args)}")
+        for i, (ptype, arg) in enumerate(zip(self.signature, args)):
+            if ptype.endswith("*"):
+                ok = not isinstance(arg, np.generic)
+            else:
+                ok = isinstance(arg, np.generic) and arg.dtype == _DTYPES.get(ptype)
+                ok = ok or (not isinstance(arg, np.generic) and ptype in ("float", "double"))
+            if not ok:
+                raise TypeError(f"{self.name}: parameter {i} ({ptype}) cannot take {arg!r}")
+
+    def _launch_with(self, g, b, shared_mem, addrs) -> None:
         gd, bd = (ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b)
         lib = self.module._lib
         with self.module._lock:  # runtime state in the .so is per module
@@ -161,7 +188,6 @@ class Kernel:
             if rc != 0:
                 msg = lib.iabn_emu_error().decode(errors="replace")
                 raise EmulatorError(f"{self.name}: {msg}")
-        del keep
 
 
 class Module:

@@ -1,0 +1,253 @@
+"""iabn.torch's eager path over raw pointers: the per-call route of a layer once its call
+signature has been seen.
+
+A signature's first call takes the general path (torch_ops: DLPack views, full validation in
+iabn_core). When it succeeds on a kernel backend (CUDA tensors; CPU tensors with
+IABN_BACKEND=null or emulator), the call's key (every tensor's type, shape, strides, dtype,
+device and negative bit, which are absent, and the scalars) is mapped to an `Entry`: the
+core's ForwardCall (programs, workspace size, integer checks) and what torch needs to
+allocate. A later call with that key does only what depends on this call:
+
+  * the autograd-state checks that must precede any write (leaf, view, inference tensors,
+    running stats that require grad): any doubt sends the call to the general path, whose
+    checks raise the error that names the argument;
+  * the pointers, and the core's alignment and overlap checks on them;
+  * one workspace allocation from torch's allocator (the stats live at its head);
+  * on CUDA, torch's current raw stream of the tensor's device (a device switch only when the
+    tensor is not on the current device); then the program: one pack, one native call per
+    launch.
+
+No DLPack, no CuPy array, no CuPy device or stream context. The Function returns the
+workspace as a second output so that a double backward can reach the batch statistics
+(torch_grad); first-order backward ignores it.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+from iabn_core.calls import BackwardCall, ForwardCall
+
+from .torch_bridge import TORCH_DTYPES, _backend_for
+from .torch_grad import closed_form_backward
+
+MAX_ENTRIES = 512
+_entries: dict = {}
+_pending = threading.local()  # the general path's (signature, backend) of this thread's call
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_KERNEL_CPU = ("null", "emulator")  # CPU backends that run the kernel programs
+
+_grad_enabled = torch.is_grad_enabled
+_functorch_active = torch._C._are_functorch_transforms_active
+_inference_mode = torch.is_inference_mode_enabled
+_increment_version = torch._C._increment_version
+_empty = torch.empty
+_empty_like = torch.empty_like
+_preserve = torch.preserve_format
+if torch.cuda.is_available():  # pragma: no cover - GPU machines
+    _raw_stream = torch._C._cuda_getCurrentRawStream
+    _current_device = torch._C._cuda_getDevice
+else:
+    _raw_stream = _current_device = None
+
+
+_ENV = os.environ._data  # the encoded environment dict os.environ keeps: a C-level lookup
+_ENV_KEY = os.environ.encodekey("IABN_BACKEND")
+_KERNEL_CPU_ENV = tuple(os.environ.encodevalue(v) for v in _KERNEL_CPU)
+
+
+def key(x, weight, bias, running_mean, running_var, residual, training, eps, activation,
+        activation_param):
+    """The call's key, or None when it cannot take the fast path at all. Written out flat:
+    it runs on every call, and a helper per tensor would be a Python frame each."""
+    if type(x) is not torch.Tensor or type(training) is not bool:
+        return None
+    dev = x.get_device()
+    if dev < 0:
+        backend = _ENV.get(_ENV_KEY)
+        if backend not in _KERNEL_CPU_ENV:
+            return None
+    else:
+        backend = "cuda"
+    w, b, m, v, r = weight, bias, running_mean, running_var, residual
+    try:
+        if not (type(w) in _TENSOR_TYPES or w is None) or not (
+                type(b) in _TENSOR_TYPES or b is None) or not (
+                type(m) in _TENSOR_TYPES or m is None) or not (
+                type(v) in _TENSOR_TYPES or v is None) or not (
+                type(r) is torch.Tensor or r is None):
+            return None
+        return (x.shape, x.stride(), x.dtype, dev, x.is_neg(), backend,
+                None if w is None else (w.shape, w.stride(), w.dtype, w.get_device(), w.is_neg()),
+                None if b is None else (b.shape, b.stride(), b.dtype, b.get_device(), b.is_neg()),
+                None if m is None else (m.shape, m.stride(), m.dtype, m.get_device(), m.is_neg()),
+                None if v is None else (v.shape, v.stride(), v.dtype, v.get_device(), v.is_neg()),
+                None if r is None else (r.shape, r.stride(), r.dtype, r.get_device(), r.is_neg()),
+                training, eps, activation, activation_param)
+    except (TypeError, RuntimeError, AttributeError):  # not a plain dense tensor
+        return None
+
+
+class Entry:
+    __slots__ = ("fwd", "bwd", "device", "index", "acc", "param", "cfg", "c")
+
+    def __init__(self, sig, backend, x, training, eps, activation, activation_param,
+                 has_residual, params):
+        present = tuple(i + 1 for i, p in enumerate(params) if p is not None)
+        self.fwd = ForwardCall(sig, backend, training, has_residual, present)
+        self.bwd = BackwardCall(self.fwd)
+        self.device = x.device
+        self.index = x.get_device()
+        prob = sig.prob
+        self.acc = TORCH_DTYPES[prob.acc_dtype]
+        self.param = TORCH_DTYPES[prob.param_dtype]
+        self.c = prob.c
+        self.cfg = (training, eps, activation, activation_param)
+
+
+def remember(sig, backend) -> None:
+    """Called by the general path's eager forward body after it succeeded."""
+    _pending.last = (sig, backend)
+
+
+def register(k, x, weight, bias, running_mean, running_var, residual, training, eps,
+             activation, activation_param) -> None:
+    """After a general-path call of key `k` succeeded: make its entry."""
+    last = getattr(_pending, "last", None)
+    _pending.last = None
+    if last is None or k is None:
+        return
+    sig, backend = last
+    if not sig.prob.count or getattr(backend, "program", None) is None:
+        return  # empty batches and the NumPy backend stay on the general path
+    if len(_entries) >= MAX_ENTRIES:
+        _entries.clear()
+    _entries[k] = Entry(sig, backend, x, training, eps, activation, activation_param,
+                        residual is not None, (weight, bias, running_mean, running_var))
+
+
+def clear() -> None:
+    _entries.clear()
+
+
+def admit(entry, x, weight, bias, running_mean, running_var, residual, momentum, counter):
+    """(program, pointers) when this call may take the fast path; None sends it to the
+    general path (which then either runs it or raises the error naming the argument)."""
+    if type(momentum) is not float or not 0.0 <= momentum <= 1.0 or _functorch_active():
+        return None
+    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad):
+        return None
+    recording = _grad_enabled() and (x.requires_grad or (weight is not None and (
+        weight.requires_grad)) or (bias is not None and bias.requires_grad) or (
+        residual is not None and residual.requires_grad))
+    if x.requires_grad and recording and (x.is_leaf or x._base is not None):
+        return None  # a leaf, or a view (of a leaf, or one autograd may not rebase)
+    if x._is_view() and recording:
+        return None
+    if not _inference_mode():
+        if x.is_inference():
+            return None
+        if entry.fwd.training and running_mean is not None and (
+                running_mean.is_inference() or running_var.is_inference()):
+            return None
+        if recording and ((weight is not None and weight.is_inference()) or (
+                bias is not None and bias.is_inference()) or (
+                residual is not None and residual.is_inference())):
+            return None
+    ptrs = (x.data_ptr(), 0 if weight is None else weight.data_ptr(),
+            0 if bias is None else bias.data_ptr(),
+            0 if running_mean is None else running_mean.data_ptr(),
+            0 if running_var is None else running_var.data_ptr(),
+            0 if residual is None else residual.data_ptr(),
+            0 if counter is None else counter.data_ptr())
+    prog = entry.fwd.program(ptrs)
+    return None if prog is None else (prog, ptrs)
+
+
+def _run(index, prog, ptrs, ws, momentum) -> None:
+    """On CUDA: the launches on torch's current stream of the tensor's device, switching
+    devices only when it is not the current one."""
+    if _current_device() == index:
+        prog.run(ptrs, ws.data_ptr(), momentum, _raw_stream(index))
+    else:
+        with torch.cuda.device(index):
+            prog.run(ptrs, ws.data_ptr(), momentum, _raw_stream(index))
+
+
+class FastInPlaceABN(torch.autograd.Function):
+    """The layer's autograd node on the fast path: x is marked dirty and returned with the
+    workspace (stats at its head); only z, the workspace and the parameters are saved.
+
+    Called through `apply` below, the C-level apply itself: Function.apply's Python wrapper
+    only binds defaults for a setup_context (none here) and unwraps dead functorch wrappers
+    (admit sends calls under functorch transforms to the general path). The ctx attributes
+    are set directly, as mark_dirty / set_materialize_grads / save_for_backward do."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, entry, admitted, running_mean, running_var,
+                counter, momentum):
+        prog, ptrs = admitted
+        ws = _empty(entry.fwd.ws_elems, dtype=entry.acc, device=entry.device)
+        index = entry.index
+        if index < 0:
+            prog.run(ptrs, ws.data_ptr(), momentum, 0)
+        else:
+            _run(index, prog, ptrs, ws, momentum)
+        if running_mean is not None and entry.fwd.training:  # what the kernels wrote
+            _increment_version((running_mean, running_var) if counter is None else
+                               (running_mean, running_var, counter))
+        elif counter is not None:
+            _increment_version((counter,))
+        ctx.dirty_tensors = (x,)
+        ctx.materialize_grads = False
+        ctx.to_save = (x, ws, weight, bias, residual)
+        ctx.entry = entry
+        return x, ws
+
+    @staticmethod
+    def backward(ctx, dz, dws):
+        z, ws, weight, bias, residual = ctx.saved_tensors
+        entry = ctx.entry
+        if dws is not None or dz is None or _grad_enabled():
+            return _closed_form(entry, z, dz, ws, weight, bias, residual, dws, ctx)
+        dx = _empty_like(z, memory_format=_preserve)
+        inplace = dz.stride() != z.stride()
+        if inplace:  # a gradient in another layout: copied (never the input), then in place
+            dx.copy_(dz)
+            dz = dx
+        dr = None if residual is None else _empty_like(z, memory_format=_preserve)
+        c, dev = entry.c, entry.device
+        dw = None if weight is None else _empty(c, dtype=entry.param, device=dev)
+        db = None if bias is None else _empty(c, dtype=entry.param, device=dev)
+        ptrs = (z.data_ptr(), dz.data_ptr(), dx.data_ptr(), ws.data_ptr(),
+                0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                0 if residual is None else residual.data_ptr(), 0 if dr is None else dr.data_ptr(),
+                0 if dw is None else dw.data_ptr(), 0 if db is None else db.data_ptr())
+        prog = entry.bwd.program(ptrs, inplace)
+        if prog is None:  # a misaligned gradient: the torch closed form handles any memory
+            return _closed_form(entry, z, dz, ws, weight, bias, residual, None, ctx)
+        bws = _empty(entry.bwd.ws_elems, dtype=entry.acc, device=dev)
+        index = entry.index
+        if index < 0:
+            prog.run(ptrs, bws.data_ptr(), 0.0, 0)
+        else:
+            _run(index, prog, ptrs, bws, 0.0)
+        needs = ctx.needs_input_grad
+        return (dx, dw if needs[1] else None, db if needs[2] else None,
+                dr if needs[3] else None, None, None, None, None, None, None)
+
+
+apply = super(torch.autograd.Function, FastInPlaceABN).apply  # the C-level apply
+
+
+def _closed_form(entry, z, dz, ws, weight, bias, residual, dws, ctx):
+    training, eps, activation, param = entry.cfg
+    c = entry.c
+    dinv = None if dws is None or not training else dws[3 * c:4 * c]
+    dx, dw, db, dr = closed_form_backward(z, dz, ws[3 * c:4 * c], weight, bias, residual,
+                                          training, eps, activation, param, dinv)
+    needs = ctx.needs_input_grad
+    return (dx, dw if needs[1] else None, db if needs[2] else None, dr if needs[3] else None,
+            None, None, None, None, None, None)

@@ -1,0 +1,109 @@
+"""Per-signature call plans for adapters that hold raw pointers (iabn.torch's eager path).
+
+A `ForwardCall` / `BackwardCall` is made once per call signature, after a call of that
+signature passed full validation (iabn_core.signature, validate). Per call it takes the
+buffers' pointers as integers and makes, on those integers alone, every check that depends on
+this call's memory (element alignment, overlap between what is written and anything else)
+before it hands out the launch program of the pointers' alignment class
+(iabn_core.program). A check that fails returns None: the caller then takes the full path,
+whose validation raises the error that names the argument. Nothing here allocates or writes.
+"""
+from __future__ import annotations
+
+from .backends.kernel_backend import KernelBackend
+from .dtypes import numpy_dtype
+from .instantiations import VECTOR_BYTES
+from .program import Program
+from .signature import Signature
+
+_V = VECTOR_BYTES - 1
+
+
+class ForwardCall:
+    """Pointers, in order: x, weight, bias, running_mean, running_var, residual,
+    num_batches_tracked (0: absent; the counter is an int64 the forward kernel increments)."""
+
+    __slots__ = ("be", "prob", "training", "has_residual", "xsize", "psize", "acc_size",
+                 "present", "spans", "vector", "ws_elems", "_progs")
+
+    def __init__(self, sig: Signature, be: KernelBackend, training: bool, has_residual: bool,
+                 present: tuple):
+        self.be, self.prob = be, sig.prob
+        self.training, self.has_residual = training, has_residual
+        self.xsize = numpy_dtype(self.prob.x_dtype).itemsize
+        self.psize = numpy_dtype(self.prob.param_dtype).itemsize
+        self.acc_size = numpy_dtype(self.prob.acc_dtype).itemsize
+        self.spans = sig.spans  # x's, then each present parameter's (start, end) offsets
+        self.present = present  # indices (1-4, into the pointers) of the parameters given
+        self.vector = be.align_mask(self.prob, VECTOR_BYTES, VECTOR_BYTES) != 0
+        self.ws_elems = None  # set with the first program (every class has the same size)
+        self._progs: dict[int, Program] = {}
+
+    def program(self, ptrs: tuple):
+        """The program for these pointers, or None when a buffer check fails."""
+        x, w, b, m, v, r, n = ptrs
+        xs, ps = self.xsize, self.psize
+        if x % xs or r % xs or w % ps or b % ps or m % ps or v % ps or n % 8:
+            return None
+        spans = self.spans
+        lo, hi = spans[0]
+        ext = [(x + lo, x + hi)]
+        for i, (plo, phi) in zip(self.present, spans[1:]):
+            p = ptrs[i]
+            ext.append((p + plo, p + phi))
+        ext.sort()
+        prev = ext[0][1]
+        for start, end in ext[1:]:  # sorted by start: disjoint when none reaches the next
+            if start < prev:
+                return None
+            prev = end
+        if r:  # read only: it must not share memory with what the call writes
+            r0, r1 = r + lo, r + hi
+            if r0 < x + hi and x + lo < r1:
+                return None
+            if self.training:
+                for p in (m, v):
+                    if p and r0 < p + self.psize * self.prob.c and p < r1:
+                        return None
+        mask = 0
+        if self.vector:
+            mask = (not x & _V) | (not r & _V) << 1
+        prog = self._progs.get(mask)
+        if prog is None:
+            prog = self._progs[mask] = self.be.program(self.prob, "forward", self.training,
+                                                       self.has_residual, mask)
+            self.ws_elems = prog.ws_bytes // self.acc_size
+        return prog
+
+
+class BackwardCall:
+    """Pointers, in order: z, dz, dx, stats, weight, bias, residual, dresidual, dweight,
+    dbias. dx, dresidual, dweight and dbias are the caller's fresh allocations, and z, dz,
+    residual only read, so the checks are the alignment of what the caller was handed."""
+
+    __slots__ = ("be", "prob", "training", "has_residual", "xsize", "vector", "ws_elems",
+                 "_progs")
+
+    def __init__(self, fwd: ForwardCall):
+        self.be, self.prob = fwd.be, fwd.prob
+        self.training, self.has_residual = fwd.training, fwd.has_residual
+        self.xsize, self.vector = fwd.xsize, fwd.vector
+        self.ws_elems = None
+        self._progs: dict[tuple, Program] = {}
+
+    def program(self, ptrs: tuple, inplace: bool):
+        z, dz, dx, _, _, _, r, dr, _, _ = ptrs
+        xs = self.xsize
+        if z % xs or dz % xs or r % xs:
+            return None
+        mask = 0
+        if self.vector:
+            mask = ((not z & _V) | (not dz & _V) << 1 | (not dx & _V) << 2 | (not r & _V) << 3
+                    | (not dr & _V) << 4)
+        prog = self._progs.get((mask, inplace))
+        if prog is None:
+            kind = "backward_inplace" if inplace else "backward"
+            prog = self._progs[(mask, inplace)] = self.be.program(
+                self.prob, kind, self.training, self.has_residual, mask)
+            self.ws_elems = prog.ws_bytes // numpy_dtype(self.prob.acc_dtype).itemsize
+        return prog
