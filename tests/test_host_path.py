@@ -1,0 +1,210 @@
+"""The per-call host path (issue 19): launch programs and iabn.torch's eager path over pointers.
+
+Machine-independent counts only (Python frames, launches, which route a call takes, bits);
+the timings are in `python -m benchmarks --parts overhead`."""
+from __future__ import annotations
+
+import sys
+import threading
+import types
+
+import numpy as np
+import pytest
+
+from iabn_core import backends, ops
+from iabn_core.backends.base import Composites
+from iabn_core.layout import view3
+from iabn_core.validate import IABNError
+
+torch = pytest.importorskip("torch")
+
+from iabn import torch_bridge, torch_fast, torch_ops  # noqa: E402
+from iabn.torch import InPlaceABN  # noqa: E402
+
+FRAME_BUDGET = 30  # Python frames per training step beyond the no-layer floor (issue 19)
+
+
+def _calls(fn) -> int:
+    n = [0]
+
+    def prof(frame, event, arg):
+        if event == "call":
+            n[0] += 1
+
+    sys.setprofile(prof)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return n[0]
+
+
+def _step(mod, x, dy):
+    params = tuple(mod.parameters())
+    return lambda: torch.autograd.grad(mod(x.clone()), (x,) + params, dy)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_python_frames_per_training_step(monkeypatch, residual):
+    """A later change cannot regrow the per-call path: frames of one training step (clone,
+    forward, backward) beyond the same step without the layer."""
+    monkeypatch.setenv("IABN_BACKEND", "null")
+    m = InPlaceABN(8)
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    dy = torch.randn(2, 8, 4, 4)
+    r = torch.randn(2, 8, 4, 4, requires_grad=True)
+    params = tuple(m.parameters())
+    if residual:
+        step = lambda: torch.autograd.grad(m(x.clone(), r), (x, r) + params, dy)  # noqa: E731
+        floor = lambda: torch.autograd.grad(x.clone() + r, (x, r), dy)  # noqa: E731
+    else:
+        step, floor = _step(m, x, dy), (lambda: torch.autograd.grad(x.clone(), (x,), dy))
+    for _ in range(3):  # the signature's first call takes the general path
+        step()
+    extra = _calls(step) - _calls(floor)
+    assert 0 < extra <= FRAME_BUDGET, extra
+
+
+def test_later_calls_cross_no_dlpack_and_count_launches(monkeypatch):
+    """After a signature's first call nothing crosses into CuPy/NumPy arrays: the bridge
+    fails if called. Launches stay 2 + 2 per step and the kernel counts the batches."""
+    monkeypatch.setenv("IABN_BACKEND", "null")
+    torch_fast.clear()
+    m = InPlaceABN(8)
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    m(x.clone()).sum().backward()
+
+    def no_crossing(*a, **k):
+        raise AssertionError("the eager fast path crossed into the array API")
+
+    monkeypatch.setattr(torch_ops, "to_core", no_crossing)
+    monkeypatch.setattr(torch_bridge, "to_core", no_crossing)
+    be = torch_bridge._null_backend()
+    for step in range(1, 4):
+        n0 = be.launches
+        m(x.clone()).sum().backward()
+        assert be.launches - n0 == 4
+    # null launches nothing, so only the general path counted (the forward kernel counts the
+    # rest: test_fast_path_counts_batches_in_the_kernel)
+    assert int(m.num_batches_tracked) == 1
+
+
+def test_null_and_cuda_take_the_same_route():
+    """A program's one native call per launch is a C-level callable on both runtimes, so
+    `null` times exactly the Python route a GPU call takes."""
+    from iabn_core.backends.null import NullRuntime
+    from iabn_core.program import Program
+
+    assert isinstance(NullRuntime.launch_packed, types.BuiltinFunctionType)
+    cupy = pytest.importorskip("cupy")
+    assert not isinstance(cupy.cuda.driver.launchKernel, types.FunctionType)
+    assert "launch" in Program.run.__code__.co_names or "_launch" in Program.run.__code__.co_names
+
+
+def _in_layout(a, layout):
+    if layout == "ncs":
+        return np.ascontiguousarray(a)
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+def test_program_matches_the_stages_bitwise_on_the_emulator(training, layout):
+    """The emulator runs a program's packed cells through the kernels' real entry points:
+    a wrong cell gives other bits than the stage-by-stage launches (argument-checked)."""
+    be = backends.get("emulator")
+    rng = np.random.default_rng(0)
+    shape = (3, 8, 5, 4)
+    x = _in_layout(rng.standard_normal(shape).astype(np.float32), layout)
+    r = _in_layout(rng.standard_normal(shape).astype(np.float32), layout)
+    dz = _in_layout(rng.standard_normal(shape).astype(np.float32), layout)
+    w, b = rng.uniform(-1, 1, 8).astype(np.float32), rng.normal(size=8).astype(np.float32)
+    rm, rv = rng.normal(size=8).astype(np.float32), rng.uniform(0.5, 2, 8).astype(np.float32)
+
+    x1, rm1, rv1 = x.copy(order="K"), rm.copy(), rv.copy()
+    ctx = ops.forward(x1, w, b, rm1, rv1, training=training, backend="emulator", residual=r)
+    dx1, dw1, db1, dr1 = ops.backward(ctx, x1, dz.copy(order="K"), residual=r)
+
+    lay, prob = ctx.layout, ctx.prob
+    x2, rm2, rv2, dz2 = x.copy(order="K"), rm.copy(), rv.copy(), dz.copy(order="K")
+    stats2 = Composites.forward_all(be, prob, view3(x2, lay), rm2, rv2, 0.1, training, w, b,
+                                    view3(r, lay))
+    dr2 = np.empty_like(x2)
+    dw2, db2 = Composites.backward_all(be, prob, view3(x2, lay), view3(dz2, lay), stats2, w,
+                                       b, training, None, view3(r, lay), view3(dr2, lay))
+    for got, want in ((x1, x2), (rm1, rm2), (rv1, rv2), (ctx.stats, stats2), (dx1, dz2),
+                      (dw1, dw2), (db1, db2), (dr1, dr2)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_rejected_fast_calls_write_nothing(monkeypatch):
+    """A cache hit skips no check that depends on this call's buffers or autograd state."""
+    monkeypatch.setenv("IABN_BACKEND", "null")
+    m = InPlaceABN(8)
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    m(x.clone())
+    before = [t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
+    leaf = torch.randn(2, 8, 4, 4, requires_grad=True)
+    with pytest.raises(IABNError, match="leaf"):
+        m(leaf)
+    bad = torch.randn(2, 8, 4, 4)
+    with torch.no_grad(), pytest.raises(IABNError, match="running_mean"):
+        torch_ops.inplace_abn(bad, m.weight, m.bias, m.running_mean, m.running_mean,
+                              True, 0.1)
+    with torch.inference_mode():
+        inf = torch.randn(2, 8, 4, 4)
+    with pytest.raises(IABNError, match="inference"):
+        m(inf)
+    with pytest.raises(IABNError, match="momentum"):
+        torch_ops.inplace_abn(bad, m.weight, m.bias, m.running_mean, m.running_var, True, 2.0)
+    for t, t0 in zip((m.running_mean, m.running_var, m.num_batches_tracked), before):
+        torch.testing.assert_close(t, t0, rtol=0, atol=0)
+
+
+def test_fast_path_threads_give_the_same_bits(monkeypatch):
+    """Programs share their packed cells; concurrent calls must not mix their pointers."""
+    monkeypatch.setenv("IABN_BACKEND", "emulator")
+    torch.manual_seed(0)
+    xs = [torch.randn(2, 4, 3, 3, dtype=torch.float64) for _ in range(6)]
+    m = InPlaceABN(4).double()
+    with torch.no_grad():
+        m(xs[0].clone())  # make the entry
+        want = []
+        for x in xs:
+            mm = InPlaceABN(4).double()
+            want.append(mm(x.clone()).clone())
+    got = [None] * len(xs)
+
+    def work(i):
+        mm = InPlaceABN(4).double()
+        with torch.no_grad():
+            for _ in range(3):
+                got[i] = mm(xs[i].clone()).clone()
+                mm.reset_running_stats()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert torch_fast._entries, "the fast path was never set up"
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fast_path_counts_batches_in_the_kernel(monkeypatch, momentum):
+    """On the fast path the forward kernel increments num_batches_tracked (no add_ launch);
+    running stats and counts match nn.BatchNorm2d step for step, momentum=None included."""
+    monkeypatch.setenv("IABN_BACKEND", "emulator")
+    torch.manual_seed(0)
+    m = InPlaceABN(4, momentum=momentum, activation="identity").double()
+    bn = torch.nn.BatchNorm2d(4, momentum=momentum).double()
+    with torch.no_grad():
+        m.weight.fill_(1.0 - m.eps)  # |w| + eps = 1, bn's weight
+    for _ in range(4):
+        x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+        torch.testing.assert_close(m(x.clone()), bn(x))
+    assert int(m.num_batches_tracked) == int(bn.num_batches_tracked) == 4
+    torch.testing.assert_close(m.running_mean, bn.running_mean)
+    torch.testing.assert_close(m.running_var, bn.running_var)
