@@ -41,6 +41,7 @@ _KERNEL_CPU = ("null", "emulator")  # CPU backends that run the kernel programs
 
 _grad_enabled = torch.is_grad_enabled
 _functorch_active = torch._C._are_functorch_transforms_active
+_forward_ad = torch.autograd.forward_ad
 _inference_mode = torch.is_inference_mode_enabled
 _increment_version = torch._C._increment_version
 _empty = torch.empty
@@ -91,7 +92,12 @@ def key(x, weight, bias, running_mean, running_var, residual, training, eps, act
 
 
 class Entry:
-    __slots__ = ("fwd", "bwd", "device", "index", "acc", "param", "cfg", "c")
+    """One signature's fast path: the core's forward/backward calls and torch's allocation
+    facts. `ws_elems`: the forward workspace, sized for the forward's own use and for the
+    backward's scratch behind the stats (`stats_bytes`), whatever the alignment classes."""
+
+    __slots__ = ("fwd", "bwd", "device", "index", "acc", "param", "cfg", "c", "ws_elems",
+                 "stats_bytes")
 
     def __init__(self, sig, backend, x, training, eps, activation, activation_param,
                  has_residual, params):
@@ -105,6 +111,9 @@ class Entry:
         self.param = TORCH_DTYPES[prob.param_dtype]
         self.c = prob.c
         self.cfg = (training, eps, activation, activation_param)
+        self.stats_bytes, self.ws_elems = self.fwd.stats_bytes, self.fwd.max_ws_elems()
+        self.ws_elems = max(self.ws_elems, (self.stats_bytes // self.fwd.acc_size)
+                            + self.bwd.max_ws_elems())
 
 
 def remember(sig, backend) -> None:
@@ -135,26 +144,28 @@ def clear() -> None:
 def admit(entry, x, weight, bias, running_mean, running_var, residual, momentum, counter):
     """(program, pointers) when this call may take the fast path; None sends it to the
     general path (which then either runs it or raises the error naming the argument)."""
-    if type(momentum) is not float or not 0.0 <= momentum <= 1.0 or _functorch_active():
+    if (type(momentum) is not float or not 0.0 <= momentum <= 1.0 or _functorch_active()
+            or _forward_ad._current_level >= 0):  # forward-mode AD: the general path refuses
         return None
     if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad):
         return None
-    recording = _grad_enabled() and (x.requires_grad or (weight is not None and (
-        weight.requires_grad)) or (bias is not None and bias.requires_grad) or (
-        residual is not None and residual.requires_grad))
-    if x.requires_grad and recording and (x.is_leaf or x._base is not None):
-        return None  # a leaf, or a view (of a leaf, or one autograd may not rebase)
-    if x._is_view() and recording:
-        return None
+    x_grad = x.requires_grad
+    w_grad = weight is not None and weight.requires_grad
+    b_grad = bias is not None and bias.requires_grad
+    r_grad = residual is not None and residual.requires_grad
+    recording = (x_grad or w_grad or b_grad or r_grad) and _grad_enabled()
+    if recording and (x._is_view() or (x_grad and x.is_leaf)):
+        return None  # a leaf (or a view) autograd may not see overwritten
     if not _inference_mode():
-        if x.is_inference():
+        # A tensor that requires grad is never an inference tensor: only the others are asked.
+        if not x_grad and x.is_inference():
             return None
         if entry.fwd.training and running_mean is not None and (
                 running_mean.is_inference() or running_var.is_inference()):
             return None
-        if recording and ((weight is not None and weight.is_inference()) or (
-                bias is not None and bias.is_inference()) or (
-                residual is not None and residual.is_inference())):
+        if recording and ((weight is not None and not w_grad and weight.is_inference()) or (
+                bias is not None and not b_grad and bias.is_inference()) or (
+                residual is not None and not r_grad and residual.is_inference())):
             return None
     ptrs = (x.data_ptr(), 0 if weight is None else weight.data_ptr(),
             0 if bias is None else bias.data_ptr(),
@@ -167,13 +178,17 @@ def admit(entry, x, weight, bias, running_mean, running_var, residual, momentum,
 
 
 def _run(index, prog, ptrs, ws, momentum) -> None:
+    _run_at(index, prog, ptrs, ws.data_ptr(), momentum)
+
+
+def _run_at(index, prog, ptrs, ws: int, momentum) -> None:
     """On CUDA: the launches on torch's current stream of the tensor's device, switching
     devices only when it is not the current one."""
     if _current_device() == index:
-        prog.run(ptrs, ws.data_ptr(), momentum, _raw_stream(index))
+        prog.run(ptrs, ws, momentum, _raw_stream(index))
     else:
         with torch.cuda.device(index):
-            prog.run(ptrs, ws.data_ptr(), momentum, _raw_stream(index))
+            prog.run(ptrs, ws, momentum, _raw_stream(index))
 
 
 class FastInPlaceABN(torch.autograd.Function):
@@ -189,7 +204,7 @@ class FastInPlaceABN(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, entry, admitted, running_mean, running_var,
                 counter, momentum):
         prog, ptrs = admitted
-        ws = _empty(entry.fwd.ws_elems, dtype=entry.acc, device=entry.device)
+        ws = _empty(entry.ws_elems, dtype=entry.acc, device=entry.device)
         index = entry.index
         if index < 0:
             prog.run(ptrs, ws.data_ptr(), momentum, 0)
@@ -228,12 +243,14 @@ class FastInPlaceABN(torch.autograd.Function):
         prog = entry.bwd.program(ptrs, inplace)
         if prog is None:  # a misaligned gradient: the torch closed form handles any memory
             return _closed_form(entry, z, dz, ws, weight, bias, residual, None, ctx)
-        bws = _empty(entry.bwd.ws_elems, dtype=entry.acc, device=dev)
+        # Backward's scratch (partials, sums) is the forward workspace behind the stats: the
+        # forward's partials are dead by now, and Entry sized it for both (no allocation).
+        scratch = ptrs[3] + entry.stats_bytes
         index = entry.index
         if index < 0:
-            prog.run(ptrs, bws.data_ptr(), 0.0, 0)
+            prog.run(ptrs, scratch, 0.0, 0)
         else:
-            _run(index, prog, ptrs, bws, 0.0)
+            _run_at(index, prog, ptrs, scratch, 0.0)
         needs = ctx.needs_input_grad
         return (dx, dw if needs[1] else None, db if needs[2] else None,
                 dr if needs[3] else None, None, None, None, None, None, None)

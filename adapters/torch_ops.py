@@ -308,6 +308,14 @@ def _check_tensors(x, weight, bias, running_mean, running_var, training=True,
                 "iabn.torch.ABN, which does not work in place.")
     if torch.compiler.is_compiling():
         return  # FakeTensors: functionalization handles views; nothing is written while tracing
+    fwad = torch.autograd.forward_ad
+    if fwad._current_level >= 0:  # a dual-number level is open: tangents would be dropped
+        for name, t in named.items():
+            if t is not None and fwad.unpack_dual(t).tangent is not None:
+                raise IABNError(
+                    f"{name} carries a forward-mode AD tangent; inplace_abn has no forward-mode "
+                    "derivative (it overwrites its input). Use iabn.torch.ABN, or nn.BatchNorm "
+                    "followed by the activation, where forward-mode AD is needed")
     for name, t in named.items():
         if t is not None and t.layout != torch.strided:
             raise IABNError(f"{name} has layout {t.layout}; iabn needs dense (strided) tensors")

@@ -10,7 +10,8 @@ whose validation raises the error that names the argument. Nothing here allocate
 """
 from __future__ import annotations
 
-from .backends.kernel_backend import KernelBackend
+from .backends.base import STATS_ROWS
+from .backends.kernel_backend import ALIGN_INPUTS, KernelBackend
 from .dtypes import numpy_dtype
 from .instantiations import VECTOR_BYTES
 from .program import Program
@@ -24,7 +25,7 @@ class ForwardCall:
     num_batches_tracked (0: absent; the counter is an int64 the forward kernel increments)."""
 
     __slots__ = ("be", "prob", "training", "has_residual", "xsize", "psize", "acc_size",
-                 "present", "spans", "vector", "ws_elems", "_progs")
+                 "present", "spans", "vector", "ws_elems", "stats_bytes", "_progs")
 
     def __init__(self, sig: Signature, be: KernelBackend, training: bool, has_residual: bool,
                  present: tuple):
@@ -37,7 +38,13 @@ class ForwardCall:
         self.present = present  # indices (1-4, into the pointers) of the parameters given
         self.vector = be.align_mask(self.prob, VECTOR_BYTES, VECTOR_BYTES) != 0
         self.ws_elems = None  # set with the first program (every class has the same size)
+        self.stats_bytes = STATS_ROWS * self.prob.c * self.acc_size  # the workspace's head
         self._progs: dict[int, Program] = {}
+
+    def max_ws_elems(self) -> int:
+        """The largest workspace (accumulator elements) any alignment class needs."""
+        return _max_ws(self.be, self.prob, ("forward",), self.training, self.has_residual,
+                       self.vector, self.acc_size)
 
     def program(self, ptrs: tuple):
         """The program for these pointers, or None when a buffer check fails."""
@@ -82,14 +89,19 @@ class BackwardCall:
     residual only read, so the checks are the alignment of what the caller was handed."""
 
     __slots__ = ("be", "prob", "training", "has_residual", "xsize", "vector", "ws_elems",
-                 "_progs")
+                 "acc_size", "_progs")
 
     def __init__(self, fwd: ForwardCall):
         self.be, self.prob = fwd.be, fwd.prob
         self.training, self.has_residual = fwd.training, fwd.has_residual
-        self.xsize, self.vector = fwd.xsize, fwd.vector
+        self.xsize, self.vector, self.acc_size = fwd.xsize, fwd.vector, fwd.acc_size
         self.ws_elems = None
         self._progs: dict[tuple, Program] = {}
+
+    def max_ws_elems(self) -> int:
+        """The largest scratch (accumulator elements) any alignment class needs."""
+        return _max_ws(self.be, self.prob, ("backward", "backward_inplace"), self.training,
+                       self.has_residual, self.vector, self.acc_size)
 
     def program(self, ptrs: tuple, inplace: bool):
         z, dz, dx, _, _, _, r, dr, _, _ = ptrs
@@ -107,3 +119,14 @@ class BackwardCall:
                 self.prob, kind, self.training, self.has_residual, mask)
             self.ws_elems = prog.ws_bytes // numpy_dtype(self.prob.acc_dtype).itemsize
         return prog
+
+
+def _max_ws(be, prob, kinds, training, has_residual, vector, acc_size) -> int:
+    """The workspace size is set by the grids, which depend on the vector width alone: the
+    all-aligned and the unaligned program bound every class."""
+    sizes = []
+    for k in kinds:
+        full = (1 << len(ALIGN_INPUTS["forward" if k == "forward" else "backward"])) - 1
+        for m in ((0, full) if vector else (0,)):
+            sizes.append(be.program(prob, k, training, has_residual, m).ws_bytes)
+    return max(sizes) // acc_size

@@ -94,7 +94,8 @@ def test_launches_per_step(results):
 
 def test_overhead_csv(results):
     rows = _csv(results / "overhead.csv")
-    assert list(rows[0]) == ["impl", "path", "stage", "us_per_call", "launches"]
+    assert list(rows[0]) == ["impl", "path", "variant", "stage", "us_per_call", "launches",
+                             "frames"]
     assert {(r["impl"], r["path"]) for r in rows} == {("torch", "cpu"), ("iabn", "cpu"),
                                                       ("iabn", "null")}
     assert all(float(r["us_per_call"]) > 0 for r in rows)

@@ -68,16 +68,24 @@ def test_overhead_rows():
     from benchmarks.cases import Settings
 
     rows = overhead.overhead_rows(Settings(tiny=True))
-    got = {(r["impl"], r["path"], r["stage"]): r for r in rows}
+    got = {(r["impl"], r["path"], r["variant"], r["stage"]): r for r in rows}
     for stage in overhead.STAGES:
-        for key in (("torch", "cpu", stage), ("iabn", "cpu", stage), ("iabn", "null", stage)):
+        for key in (("torch", "cpu", "plain", stage), ("iabn", "cpu", "plain", stage),
+                    ("iabn", "null", "plain", stage)):
             assert got[key]["us_per_call"] > 0, key
-    assert [got[("iabn", "null", s)]["launches"] for s in overhead.STAGES] == [2, 2, 4]
+        for variant in overhead.VARIANTS:
+            assert got[("iabn", "null", variant, stage)]["us_per_call"] > 0, variant
+    for variant in overhead.VARIANTS:
+        want = [1, 2, 3] if variant == "eval" else [2, 2, 4]
+        assert [got[("iabn", "null", variant, s)]["launches"] for s in overhead.STAGES] == want
+        frames = got[("iabn", "null", variant, "step")]["frames"]
+        assert 0 < frames <= overhead.FRAME_BUDGET, (variant, frames)
     ratios = overhead.ratios(rows)
-    assert {(r["path"], r["stage"]) for r in ratios} == {
-        (p, s) for p in ("cpu", "null") for s in overhead.STAGES}
+    assert {(r["path"], r["variant"], r["stage"]) for r in ratios} == {
+        ("cpu", "plain", s) for s in overhead.STAGES} | {
+        ("null", v, s) for v in overhead.VARIANTS for s in overhead.STAGES}
     md = "\n".join(overhead.summary_section(rows))
-    assert "null step <= 3x" in md and "cpu step <= 5x" in md
+    assert "null step <= 1.0x" in md and "cpu step <= 4.0x" in md and "frames per step" in md
 
 
 def test_host_profile_names_every_piece_on_the_cpu(tmp_path, monkeypatch):
