@@ -32,9 +32,10 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .torch_fx_nodes import (_Act, _Tracer, _act_of_module, _act_of_node, _describe, _fresh,
-                             _is_add_of, _modifies_in_place)
-from .torch_modules import (IABNConversionWarning, IN_PLACE_MODULES, _unrepresentable,
-                            from_batchnorm, to_sync)
+                             _is_add_of, _modifies_in_place, _pass_through, _past_identities,
+                             drop_rate)
+from .torch_modules import (IABNConversionWarning, IN_PLACE_MODULES, from_batchnorm, to_sync)
+from .torch_checkpoint import scale_change
 
 __all__ = ["convert_model"]
 
@@ -47,6 +48,10 @@ class _Plan:
     add: Optional[fx.Node] = None
     residual: Optional[fx.Node] = None
     relu_replaced: bool = False
+    # pass-through ops (Identity, dropout with rate 0) between the BN and its add or
+    # activation, and between the add and its activation: removed with them
+    before: list = field(default_factory=list)
+    after: list = field(default_factory=list)
 
 
 @dataclass
@@ -55,6 +60,7 @@ class _State:
     calls: dict  # module target -> number of call nodes
     fuse_residual: bool
     replace_relu: Optional[float]
+    exact: bool = False
     plans: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     claimed: dict = field(default_factory=dict)  # add node -> plan of the fused BN
@@ -66,8 +72,14 @@ def _norm_act_parts(m: nn.Module):
     if not isinstance(act, nn.Module):
         return None, None
     drop = getattr(m, "drop", None)
-    if drop is not None and type(drop) is not nn.Identity:
+    if drop is None:
+        return act, None
+    p = drop_rate(drop) if isinstance(drop, nn.Module) else None
+    if p is None:
         return act, f"its {type(drop).__name__} between norm and activation is not supported"
+    if p > 0:
+        return act, (f"its {type(drop).__name__} between norm and activation has drop "
+                     f"probability {p:g}, which zeroes values in training")
     return act, None
 
 
@@ -111,8 +123,9 @@ def _analyse(node: fx.Node, st: _State) -> Optional[str]:
     m = st.modules[node.target]
     if st.calls[node.target] > 1:
         return "the module is called more than once"
-    if _unrepresentable(m):
-        return "has channels with gamma <= eps, which InPlaceABN cannot represent"
+    why = _scale_refusal(m, st.exact)
+    if why:
+        return why
     inner, why = _norm_act_parts(m)
     if why:
         return why
@@ -127,35 +140,50 @@ def _analyse(node: fx.Node, st: _State) -> Optional[str]:
     users = list(node.users)
     if len(users) != 1:
         return f"its output feeds {len(users)} ops, not one activation"
-    u = users[0]
+    # Identity placeholders and dropouts with rate 0 (timm's drop_block, drop_path) are
+    # looked past: the op after them decides.
+    u, before = _past_identities(users[0], st.modules)
+    last = before[-1] if before else node  # the tensor u reads (the BN output's values)
     add_plan = st.claimed.get(u)
-    if add_plan is not None and add_plan.residual is node:
+    if add_plan is not None and add_plan.residual is last:
         # The residual of a fused layer: an identity InPlaceABN saves what that layer saves.
-        return _finish(st, _Plan(node, _Act("identity", 0.01, "Identity")), node)
+        return _finish(st, _Plan(node, _Act("identity", 0.01, "Identity")), last)
     act = _act_of_node(u, st.modules)
     if act is not None:
         act, why, replaced = _resolve_act(act, st, "followed by")
         if why:
             return why
-        return _finish(st, _Plan(node, act, u, relu_replaced=replaced), u)
-    r = _is_add_of(u, node)
+        return _finish(st, _Plan(node, act, u, relu_replaced=replaced, before=before), u)
+    why = _pass_through(u, st.modules)
+    if why:
+        return f"followed by {why}"
+    r = _is_add_of(u, last)
     if r is None:
+        if before:  # BN -> Identity -> any op: an identity InPlaceABN, as for an Identity act
+            plan = _Plan(node, _Act("identity", 0.01, "Identity"), before[-1],
+                         before=before[:-1])
+            return _finish(st, plan, before[-1])
         return f"followed by {_describe(u, st.modules)}, not an activation"
     if not st.fuse_residual:
         return "followed by an add (fuse_residual=False)"
     if u in st.claimed:
         return "its add is already fused with another BatchNorm"
-    after = list(u.users)
-    act = _act_of_node(after[0], st.modules) if len(after) == 1 else None
-    if act is None:
+    users = list(u.users)
+    if len(users) != 1:
         return "followed by an add that is not followed by exactly one activation"
+    a, after = _past_identities(users[0], st.modules)
+    act = _act_of_node(a, st.modules)
+    if act is None:
+        why = _pass_through(a, st.modules)
+        return f"followed by an add and {why}" if why else (
+            f"followed by an add and {_describe(a, st.modules)}, not an activation")
     act, why, replaced = _resolve_act(act, st, "followed by an add and")
     if why:
         return why
     if _in_place_users(r, st):
         return f"its residual is modified in place by {_in_place_users(r, st)}"
-    plan = _Plan(node, act, after[0], u, r, replaced)
-    why = _finish(st, plan, after[0])
+    plan = _Plan(node, act, a, u, r, replaced, before, after)
+    why = _finish(st, plan, a)
     if why is None:
         st.claimed[u] = plan
     return why
@@ -167,6 +195,23 @@ def _finish(st: _State, plan: _Plan, out: fx.Node) -> Optional[str]:
         return (f"its activated output is modified in place afterwards by {who}; InPlaceABN "
                 "saves that output for backward")
     st.plans.append(plan)
+    return None
+
+
+def _scale_refusal(bn: _BatchNorm, exact: bool) -> Optional[str]:
+    """Why BN's scales rule out InPlaceABN (scale |w| + eps > eps): any channel with
+    gamma <= eps under exact=True; a negative gamma always (its sign would flip)."""
+    change = scale_change(bn)
+    if change is None:
+        return None
+    if change.negative:
+        return (f"has {change.negative} channels with negative gamma (down to "
+                f"{change.min_gamma:.3g}); InPlaceABN's scale |w| + eps is positive, so the "
+                f"output would change by up to {change.bound:.3g}*|x_hat|")
+    if exact:
+        return (f"has {change.channels} channels with 0 <= gamma <= eps, which InPlaceABN "
+                f"cannot represent exactly (their scale would become eps, a change of up to "
+                f"{change.bound:.3g}*|x_hat|; exact=True refuses it)")
     return None
 
 
@@ -212,15 +257,31 @@ def _swap(root: nn.Module, plan: _Plan, st: _State) -> None:
 def _rewrite(graph: fx.Graph, plan: _Plan) -> None:
     if plan.add is not None:
         # The add's operands as they are now: an earlier rewrite may have replaced r's node.
-        r = _is_add_of(plan.add, plan.bn)
+        r = _is_add_of(plan.add, plan.before[-1] if plan.before else plan.bn)
         plan.add.prepend(plan.bn)  # after both x and r in the graph's order
         plan.bn.args = (plan.bn.args[0],)
         plan.bn.kwargs = {"residual": r}
+    # Erased from the last op back to the BN, so that each node has lost its users first.
+    doomed = [plan.act_node] if plan.act_node is not None else []
+    doomed += plan.after[::-1] + ([plan.add] if plan.add is not None else [])
+    doomed += plan.before[::-1]
     if plan.act_node is not None:
         plan.act_node.replace_all_uses_with(plan.bn)
-        graph.erase_node(plan.act_node)
-    if plan.add is not None:
-        graph.erase_node(plan.add)
+    for n in doomed:
+        graph.erase_node(n)
+
+
+def _unused_activations(gm: fx.GraphModule, plans: list) -> None:
+    """An activation module whose every call the rewrite removed becomes nn.Identity, so a
+    printed model does not show a ReLU it no longer applies (and a submodule method that
+    still calls it, e.g. a backbone's `features`, computes what the converted model does)."""
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for p in plans:
+        n = p.act_node
+        if n is not None and n.op == "call_module" and n.target not in called:
+            m = gm.get_submodule(n.target)
+            if not any(True for _ in m.parameters()) and not any(True for _ in m.buffers()):
+                _set_module(gm, n.target, nn.Identity())
 
 
 def _graph_module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
@@ -248,7 +309,8 @@ def _graph_module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
 
 
 def convert_model(model: nn.Module, sync: bool = False, group: Optional[Any] = None, *,
-                  fuse_residual: bool = True, replace_relu: Optional[float] = None) -> nn.Module:
+                  fuse_residual: bool = True, replace_relu: Optional[float] = None,
+                  exact: bool = False) -> nn.Module:
     """Convert, where exact and safe, every BatchNorm -> invertible activation in the model's
     data flow to InPlaceABN, and with fuse_residual every BatchNorm -> add(., r) -> activation
     to one InPlaceABN called with residual=r. Returns the converted model (see the module
@@ -260,8 +322,17 @@ def convert_model(model: nn.Module, sync: bool = False, group: Optional[Any] = N
     as it is, and why, is listed in one IABNConversionWarning; a model torch.fx cannot trace is
     returned unchanged with a warning.
 
+    InPlaceABN's scale is |w| + eps, never below eps. A BN with channels whose gamma lies in
+    [0, eps] (timm's zero_init_last starts the last BN of every block at 0) converts with
+    those scales raised to eps: its output changes by at most (eps - gamma)*|x_hat| <=
+    eps*|x_hat| (x_hat the normalised input), and a warning lists each such layer with its
+    bound. exact=True refuses any change of function (those layers stay BN). A negative
+    gamma is always refused.
+
     sync=True makes the in-place layers InPlaceABNSync over `group` (None: the default group),
     including InPlaceABN layers already in the model."""
+    if not isinstance(exact, bool):
+        raise TypeError(f"exact must be a bool, got {exact!r}")
     if replace_relu is not None and not (isinstance(replace_relu, (int, float))
                                          and replace_relu > 0):
         raise ValueError(f"replace_relu must be a positive slope or None, got {replace_relu!r}")
@@ -277,12 +348,14 @@ def convert_model(model: nn.Module, sync: bool = False, group: Optional[Any] = N
     for n in graph.nodes:
         if n.op == "call_module":
             calls[n.target] = calls.get(n.target, 0) + 1
-    st = _State(modules, calls, fuse_residual, replace_relu)
+    st = _State(modules, calls, fuse_residual, replace_relu, exact)
     for n in list(graph.nodes):
         if n.op == "call_module" and isinstance(modules[n.target], _BatchNorm):
             why = _analyse(n, st)
             if why:
                 st.skipped.append(f"{n.target}: {why}")
+    changed = [(p.bn.target, scale_change(modules[p.bn.target])) for p in st.plans]
+    changed = [(name, c) for name, c in changed if c is not None]
     out = model
     if all(_module_only(p, st) for p in st.plans):
         for p in st.plans:
@@ -300,6 +373,7 @@ def convert_model(model: nn.Module, sync: bool = False, group: Optional[Any] = N
         for p in st.plans:
             _swap(copied, p, st)
         out = _graph_module(copied, graph)
+        _unused_activations(out, st.plans)
     if sync:
         for name, m in list(out.named_modules()):
             if isinstance(m, IN_PLACE_MODULES) and name:
@@ -307,6 +381,15 @@ def convert_model(model: nn.Module, sync: bool = False, group: Optional[Any] = N
     if st.skipped:
         warnings.warn("convert_model left these BatchNorm layers unchanged:\n  "
                       + "\n  ".join(st.skipped), IABNConversionWarning, stacklevel=2)
+    if changed:
+        worst = max(c.bound for _, c in changed)
+        warnings.warn(
+            f"convert_model changed the function of {len(changed)} BatchNorm layers by at most "
+            f"{worst:.3g}*|x_hat| (x_hat: the normalised input): their channels with 0 <= "
+            "gamma <= eps get InPlaceABN's smallest scale, eps (exact=True keeps them BN):\n  "
+            + "\n  ".join(f"{name}: {c.channels} of {c.total} channels, by at most "
+                           f"{c.bound:.3g}*|x_hat|" for name, c in changed),
+            IABNConversionWarning, stacklevel=2)
     relu = [p.bn.target for p in st.plans if p.relu_replaced]
     if relu:
         warnings.warn(f"convert_model replaced the ReLU after {len(relu)} BatchNorm layers by "

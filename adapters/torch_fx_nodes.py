@@ -23,13 +23,72 @@ _FRESH_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv1d, torch.
 _ADDS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+             nn.FeatureAlphaDropout)
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                      F.feature_alpha_dropout}
+# timm's stochastic-depth and drop-block modules, recognised by name and attribute so that
+# timm need not be imported. Their forward branches on self.training in Python: traced
+# through, the branch of the mode at conversion time would be baked into the graph, so they
+# stay call nodes (leaves).
+_DROP_RATE_MODULES = ("DropPath", "DropBlock2d")
+
+
+def _drop_rate_module(m: nn.Module) -> bool:
+    return type(m).__name__ in _DROP_RATE_MODULES and hasattr(m, "drop_prob")
 
 
 class _Tracer(fx.Tracer):
-    """Keeps BatchNorm (incl. norm+act subclasses) and ABN modules as single call nodes."""
+    """Keeps BatchNorm (incl. norm+act subclasses), ABN and timm's drop modules as single
+    call nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (_BatchNorm, ABN)) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, (_BatchNorm, ABN)) or _drop_rate_module(m)
+                or super().is_leaf_module(m, qualname))
+
+
+def drop_rate(m: nn.Module) -> Optional[float]:
+    """The drop probability of a dropout-like module (nn.Identity: 0), None for any other."""
+    if type(m) is nn.Identity:
+        return 0.0
+    if isinstance(m, _DROPOUTS):
+        return float(m.p)
+    if _drop_rate_module(m):
+        return float(m.drop_prob or 0.0)
+    return None
+
+
+def _drop_rate_of_node(node: fx.Node, modules: dict) -> Optional[float]:
+    if node.op == "call_module":
+        return drop_rate(modules[node.target])
+    if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
+        p = _arg(node, 1, "p", 0.5)
+        return float(p) if isinstance(p, (int, float)) else None
+    return None
+
+
+def _pass_through(node: fx.Node, modules: dict) -> Optional[str]:
+    """'' if the node returns its input's values unchanged in training and in eval
+    (nn.Identity; a dropout, DropPath or DropBlock with rate 0); a reason if it is a dropout
+    that is not the identity in training; None if it is no dropout-like op at all."""
+    p = _drop_rate_of_node(node, modules)
+    if p is None:
+        return None
+    if p == 0.0:
+        return ""
+    return (f"{_describe(node, modules)} with drop probability {p:g}, which zeroes values "
+            "in training (InPlaceABN applies the activation right after the normalisation)")
+
+
+def _past_identities(node: fx.Node, modules: dict) -> tuple[fx.Node, list]:
+    """The first op at or after `node` that is not a pass-through op, following single users,
+    and the pass-through nodes on the way (a pass-through node with other than one user ends
+    the walk: it is returned as the op)."""
+    passed = []
+    while _pass_through(node, modules) == "" and len(node.users) == 1:
+        passed.append(node)
+        node = next(iter(node.users))
+    return node, passed
 
 
 @dataclass
