@@ -46,7 +46,6 @@ _inference_mode = torch.is_inference_mode_enabled
 _increment_version = torch._C._increment_version
 _empty = torch.empty
 _empty_like = torch.empty_like
-_preserve = torch.preserve_format
 if torch.cuda.is_available():  # pragma: no cover - GPU machines
     _raw_stream = torch._C._cuda_getCurrentRawStream
     _current_device = torch._C._cuda_getDevice
@@ -97,7 +96,7 @@ class Entry:
     backward's scratch behind the stats (`stats_bytes`), whatever the alignment classes."""
 
     __slots__ = ("fwd", "bwd", "device", "index", "acc", "param", "cfg", "c", "ws_elems",
-                 "stats_bytes")
+                 "stats_bytes", "proto")
 
     def __init__(self, sig, backend, x, training, eps, activation, activation_param,
                  has_residual, params):
@@ -111,6 +110,7 @@ class Entry:
         self.param = TORCH_DTYPES[prob.param_dtype]
         self.c = prob.c
         self.cfg = (training, eps, activation, activation_param)
+        self.proto = torch.empty(0, dtype=self.acc, device=self.device)  # for new_empty
         self.stats_bytes, self.ws_elems = self.fwd.stats_bytes, self.fwd.max_ws_elems()
         self.ws_elems = max(self.ws_elems, (self.stats_bytes // self.fwd.acc_size)
                             + self.bwd.max_ws_elems())
@@ -204,7 +204,7 @@ class FastInPlaceABN(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, entry, admitted, running_mean, running_var,
                 counter, momentum):
         prog, ptrs = admitted
-        ws = _empty(entry.ws_elems, dtype=entry.acc, device=entry.device)
+        ws = entry.proto.new_empty(entry.ws_elems)
         index = entry.index
         if index < 0:
             prog.run(ptrs, ws.data_ptr(), momentum, 0)
@@ -227,15 +227,15 @@ class FastInPlaceABN(torch.autograd.Function):
         entry = ctx.entry
         if dws is not None or dz is None or _grad_enabled():
             return _closed_form(entry, z, dz, ws, weight, bias, residual, dws, ctx)
-        dx = _empty_like(z, memory_format=_preserve)
+        dx = _empty_like(z)  # preserve_format is empty_like's default
         inplace = dz.stride() != z.stride()
         if inplace:  # a gradient in another layout: copied (never the input), then in place
             dx.copy_(dz)
             dz = dx
-        dr = None if residual is None else _empty_like(z, memory_format=_preserve)
-        c, dev = entry.c, entry.device
-        dw = None if weight is None else _empty(c, dtype=entry.param, device=dev)
-        db = None if bias is None else _empty(c, dtype=entry.param, device=dev)
+        dr = None if residual is None else _empty_like(z)
+        # new_empty of a (C,) parameter: its dtype and device, no keyword parsing
+        dw = None if weight is None else weight.new_empty(entry.c)
+        db = None if bias is None else bias.new_empty(entry.c)
         ptrs = (z.data_ptr(), dz.data_ptr(), dx.data_ptr(), ws.data_ptr(),
                 0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
                 0 if residual is None else residual.data_ptr(), 0 if dr is None else dr.data_ptr(),

@@ -510,10 +510,13 @@ def to_batchnorm(m: ABN, bn_class: Optional[type] = None) -> nn.Sequential:
     like = _first_tensor(m)
     if like is not None:
         bn = bn.to(device=like.device, dtype=like.dtype)
+    if m.affine and m.bias is None:  # built with bias=False: no bias key on either side
+        bn.register_parameter("bias", None)
     with torch.no_grad():
         if m.affine:
             bn.weight.copy_(m.effective_weight())
-            bn.bias.copy_(m.bias)
+            if m.bias is not None:
+                bn.bias.copy_(m.bias)
         if m.track_running_stats:
             bn.running_mean.copy_(m.running_mean)
             bn.running_var.copy_(m.running_var)
@@ -535,7 +538,8 @@ def to_sync(m: ABN, group: Optional[Any] = None) -> InPlaceABNSync:
         m.set_group(group)
         return m
     s = InPlaceABNSync(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
-                       m.activation, m.activation_param, group)
+                       m.activation, m.activation_param, group,
+                       bias=m.bias is not None or not m.affine)
     like = _first_tensor(m)
     if like is not None:
         s = s.to(device=like.device, dtype=like.dtype)

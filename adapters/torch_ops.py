@@ -75,6 +75,13 @@ def _forward_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
 @_forward_op.register_fake
 def _forward_fake(x, weight, bias, running_mean, running_var, training, momentum, eps,
                   activation, activation_param, group_name="", residual=None):
+    # Only torch.compile / torch.export reach this fake kernel, and the ONNX dynamo exporter
+    # captures through torch.export: refuse there, naming the fix (eager never gets here).
+    if torch.onnx.is_in_onnx_export():
+        raise IABNError("InPlaceABN computes in place with its own kernels, which the ONNX "
+                        "exporter cannot translate. Export the equivalent BatchNorm model "
+                        "instead: model = iabn.torch.revert_model(model) (same outputs, same "
+                        "state_dict keys)")
     return x.new_empty((4, x.shape[1]), dtype=_acc_dtype(x.dtype))
 
 

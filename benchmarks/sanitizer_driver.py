@@ -127,22 +127,39 @@ class Memory:
         return (a.get() if self.gpu else np.asarray(a)).astype(np.float64)
 
 
+class _Recorded:
+    """A kernel as the runtime returned it, noting its name at each stage launch; every
+    other attribute (the CUfunction `ptr`, the emulated `kernel`) is the kernel's own."""
+
+    def __init__(self, fn, name: str, launched: set):
+        self._fn, self._name, self._launched = fn, name, launched
+
+    def __call__(self, grid, block, args):
+        self._launched.add(self._name)
+        return self._fn(grid, block, args)
+
+    def __getattr__(self, attr):
+        return getattr(self._fn, attr)
+
+
 def record_launches(backend) -> set:
-    """Wraps the backend's kernel lookup so every launched kernel name lands in a set."""
+    """Wraps the backend's kernel lookup and packed launch (launch programs,
+    iabn_core/program.py) so every launched kernel name lands in a set."""
     launched: set = set()
     rt = backend.rt
-    lookup = rt.function
+    lookup, packed = rt.function, rt.launch_packed
+    names: dict = {}  # native handle -> kernel name
 
     def function(spec, name):
-        fn = lookup(spec, name)
+        fn = _Recorded(lookup(spec, name), name, launched)
+        names[rt.handle(fn)] = name
+        return fn
 
-        def launch(grid, block, args):
-            launched.add(name)
-            return fn(grid, block, args)
+    def launch_packed(handle, *rest):
+        launched.add(names[handle])
+        return packed(handle, *rest)
 
-        return launch
-
-    rt.function = function
+    rt.function, rt.launch_packed = function, launch_packed
     return launched
 
 

@@ -208,3 +208,18 @@ def test_fast_path_counts_batches_in_the_kernel(monkeypatch, momentum):
     assert int(m.num_batches_tracked) == int(bn.num_batches_tracked) == 4
     torch.testing.assert_close(m.running_mean, bn.running_mean)
     torch.testing.assert_close(m.running_var, bn.running_var)
+
+
+def test_single_layer_conversions_keep_bias_false():
+    """to_batchnorm / to_sync of a layer built with bias=False (no bias key on either side)."""
+    from iabn.torch import to_batchnorm, to_sync
+
+    m = InPlaceABN(3, bias=False)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    bn = to_batchnorm(m).eval()
+    assert bn[0].bias is None and "bias" not in dict(bn[0].named_parameters())
+    x = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(bn(x), m.eval()(x.clone()))
+    s = to_sync(m)
+    assert s.bias is None and set(s.state_dict()) == set(m.state_dict())
