@@ -17,7 +17,8 @@ allocate. A later call with that key does only what depends on this call:
     tensor is not on the current device); then the program: one pack, one native call per
     launch.
 
-No DLPack, no CuPy array, no CuPy device or stream context. The Function returns the
+No DLPack, no CuPy array, no CuPy device or stream context. A CUDA tensor that is not on the
+current device takes the general path (kernels are loaded per device). The Function returns the
 workspace as a second output so that a double backward can reach the batch statistics
 (torch_grad); first-order backward ignores it.
 """
@@ -131,6 +132,9 @@ def register(k, x, weight, bias, running_mean, running_var, residual, training, 
     sig, backend = last
     if not sig.prob.count or getattr(backend, "program", None) is None:
         return  # empty batches and the NumPy backend stay on the general path
+    index = x.get_device()
+    if index >= 0 and _current_device() != index:
+        return  # programs are recorded for the current device (admit checks it too)
     if len(_entries) >= MAX_ENTRIES:
         _entries.clear()
     _entries[k] = Entry(sig, backend, x, training, eps, activation, activation_param,
@@ -147,6 +151,8 @@ def admit(entry, x, weight, bias, running_mean, running_var, residual, momentum,
     if (type(momentum) is not float or not 0.0 <= momentum <= 1.0 or _functorch_active()
             or _forward_ad._current_level >= 0):  # forward-mode AD: the general path refuses
         return None
+    if entry.index >= 0 and _current_device() != entry.index:
+        return None  # kernels and programs are per device: the general path switches
     if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad):
         return None
     x_grad = x.requires_grad
@@ -177,20 +183,6 @@ def admit(entry, x, weight, bias, running_mean, running_var, residual, momentum,
     return None if prog is None else (prog, ptrs)
 
 
-def _run(index, prog, ptrs, ws, momentum) -> None:
-    _run_at(index, prog, ptrs, ws.data_ptr(), momentum)
-
-
-def _run_at(index, prog, ptrs, ws: int, momentum) -> None:
-    """On CUDA: the launches on torch's current stream of the tensor's device, switching
-    devices only when it is not the current one."""
-    if _current_device() == index:
-        prog.run(ptrs, ws, momentum, _raw_stream(index))
-    else:
-        with torch.cuda.device(index):
-            prog.run(ptrs, ws, momentum, _raw_stream(index))
-
-
 class FastInPlaceABN(torch.autograd.Function):
     """The layer's autograd node on the fast path: x is marked dirty and returned with the
     workspace (stats at its head); only z, the workspace and the parameters are saved.
@@ -205,11 +197,8 @@ class FastInPlaceABN(torch.autograd.Function):
                 counter, momentum):
         prog, ptrs = admitted
         ws = entry.proto.new_empty(entry.ws_elems)
-        index = entry.index
-        if index < 0:
-            prog.run(ptrs, ws.data_ptr(), momentum, 0)
-        else:
-            _run(index, prog, ptrs, ws, momentum)
+        index = entry.index  # admit made sure a CUDA tensor's device is the current one
+        prog.run(ptrs, ws.data_ptr(), momentum, 0 if index < 0 else _raw_stream(index))
         if running_mean is not None and entry.fwd.training:  # what the kernels wrote
             _increment_version((running_mean, running_var) if counter is None else
                                (running_mean, running_var, counter))
@@ -240,20 +229,28 @@ class FastInPlaceABN(torch.autograd.Function):
                 0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
                 0 if residual is None else residual.data_ptr(), 0 if dr is None else dr.data_ptr(),
                 0 if dw is None else dw.data_ptr(), 0 if db is None else db.data_ptr())
-        prog = entry.bwd.program(ptrs, inplace)
+        index = entry.index
+        if index >= 0 and _current_device() != index:  # autograd's device thread normally is
+            with torch.cuda.device(index):
+                prog = _backward_program(entry, ptrs, inplace)
+        else:
+            prog = _backward_program(entry, ptrs, inplace)
         if prog is None:  # a misaligned gradient: the torch closed form handles any memory
             return _closed_form(entry, z, dz, ws, weight, bias, residual, None, ctx)
-        # Backward's scratch (partials, sums) is the forward workspace behind the stats: the
-        # forward's partials are dead by now, and Entry sized it for both (no allocation).
-        scratch = ptrs[3] + entry.stats_bytes
-        index = entry.index
-        if index < 0:
-            prog.run(ptrs, scratch, 0.0, 0)
-        else:
-            _run_at(index, prog, ptrs, scratch, 0.0)
         needs = ctx.needs_input_grad
         return (dx, dw if needs[1] else None, db if needs[2] else None,
                 dr if needs[3] else None, None, None, None, None, None, None)
+
+
+def _backward_program(entry, ptrs, inplace):
+    """Runs the backward program (None when a buffer check fails): backward's scratch
+    (partials, sums) is the forward workspace behind the stats, whose partials are dead by
+    now and which Entry sized for both (no allocation)."""
+    prog = entry.bwd.program(ptrs, inplace)
+    if prog is not None:
+        index = entry.index
+        prog.run(ptrs, ptrs[3] + entry.stats_bytes, 0.0, 0 if index < 0 else _raw_stream(index))
+    return prog
 
 
 apply = super(torch.autograd.Function, FastInPlaceABN).apply  # the C-level apply

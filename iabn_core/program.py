@@ -18,6 +18,7 @@ a wrong cell gives a wrong result), `null` calls a C-level no-op in place of the
 from __future__ import annotations
 
 import ctypes
+import functools
 import struct
 import threading
 from typing import NamedTuple
@@ -62,14 +63,14 @@ class Program:
     (`ws_bytes` long, allocated by the caller), `stream` the native stream handle."""
 
     __slots__ = ("inputs", "ws_bytes", "count", "_launches", "_cells", "_params", "_pack",
-                 "_ws_offsets", "_lock", "_launch", "_counter")
+                 "_ws_offsets", "_lock", "_counter")
 
     def __init__(self, runtime, inputs: tuple, launches: list, ws_bytes: int,
-                 momentum_dtype: str, counter=None):
+                 momentum_dtype: str, counter):
         self.inputs = tuple(inputs)
         self.ws_bytes = int(ws_bytes)
         self.count = len(launches)
-        self._counter = counter  # object whose `launches` attribute counts kernel launches
+        self._counter = counter  # the backend: its `launches` attribute counts kernel launches
         ws_offsets = sorted({a.offset for ln in launches for a in ln.args
                              if isinstance(a, Ref) and a.name == WORKSPACE})
         self._ws_offsets = tuple(ws_offsets)
@@ -108,20 +109,19 @@ class Program:
         for ln, idx in zip(launches, cells_of):
             params = (ctypes.c_void_p * max(1, len(idx)))(*[addr + 8 * i for i in idx])
             self._params.append(params)
-            head = (runtime.handle(ln.fn),) + tuple(ln.grid) + tuple(ln.block) + (0,)
-            launch_list.append((head, ctypes.addressof(params)))
+            # Everything but the stream bound once (functools.partial is C: no frame).
+            launch_list.append((functools.partial(runtime.launch_packed,
+                                                  runtime.handle(ln.fn), *ln.grid, *ln.block,
+                                                  0), ctypes.addressof(params)))
         self._launches = tuple(launch_list)
-        self._launch = runtime.launch_packed
         self._lock = threading.Lock()  # the cells are shared: one pack+launch at a time
 
     def run(self, ptrs: tuple, ws: int, momentum: float, stream: int) -> None:
-        launch = self._launch
         with self._lock:  # the driver copies the cells at launch: reuse is safe after it
             self._pack(self._cells, 0, *ptrs, *map(ws.__add__, self._ws_offsets), momentum)
-            for head, params in self._launches:
-                launch(*head, stream, params, 0)
-            if self._counter is not None:
-                self._counter.launches += self.count
+            for launch, params in self._launches:
+                launch(stream, params, 0)
+            self._counter.launches += self.count
 
     def cell_values(self) -> list[int]:
         """The cells as integers (tests read the packing through this)."""

@@ -90,15 +90,37 @@ def test_later_calls_cross_no_dlpack_and_count_launches(monkeypatch):
 
 
 def test_null_and_cuda_take_the_same_route():
-    """A program's one native call per launch is a C-level callable on both runtimes, so
-    `null` times exactly the Python route a GPU call takes."""
-    from iabn_core.backends.null import NullRuntime
-    from iabn_core.program import Program
+    """A program's one native call per launch is a C-level callable bound once (a partial of
+    the runtime's launch) on both runtimes, so `null` times exactly the Python route a GPU
+    call takes: running a program is one Python frame, whatever the launches."""
+    import functools
 
-    assert isinstance(NullRuntime.launch_packed, types.BuiltinFunctionType)
+    from iabn_core.backends.null import NullRuntime
+    from iabn_core.program import Launch, Program, Ref
+
     cupy = pytest.importorskip("cupy")
-    assert not isinstance(cupy.cuda.driver.launchKernel, types.FunctionType)
-    assert "launch" in Program.run.__code__.co_names or "_launch" in Program.run.__code__.co_names
+    be = backends.get("null")
+    launches = [Launch(None, (2, 1, 1), (256, 1, 1), (Ref("x"), Ref("ws", 16), np.int64(3))),
+                Launch(None, (4, 2, 1), (32, 8, 1), (Ref("x"), Ref("ws"), np.float32(0.5)))]
+
+    class CudaLike:  # the cuda runtime's native pieces, without a device
+        launch_packed = cupy.cuda.driver.launchKernel
+
+        @staticmethod
+        def handle(fn):
+            return 0
+
+    progs = [Program(rt, ("x",), launches, 64, "float32", be)
+             for rt in (NullRuntime(), CudaLike())]
+    for prog in progs:
+        for launch, params in prog._launches:
+            assert isinstance(launch, functools.partial) and isinstance(params, int)
+            assert not isinstance(launch.func, types.FunctionType)  # C: no Python frame
+    n0 = be.launches
+    assert _calls(lambda: progs[0].run((1024,), 4096, 0.1, 0)) == 2  # the lambda and run
+    assert be.launches - n0 == 2
+    cells = progs[0].cell_values()
+    assert cells[0] == 1024 and 4096 in cells and 4096 + 16 in cells and 3 in cells
 
 
 def _in_layout(a, layout):
@@ -223,3 +245,24 @@ def test_single_layer_conversions_keep_bias_false():
     torch.testing.assert_close(bn(x), m.eval()(x.clone()))
     s = to_sync(m)
     assert s.bias is None and set(s.state_dict()) == set(m.state_dict())
+
+
+def test_cuda_runtime_relies_on_cupy_api_that_exists():
+    """The GPU route's native pieces, checked against the installed CuPy without a GPU:
+    RawModule.get_function's RawKernel exposes the loaded Function (`kernel`), whose `ptr` is
+    the CUfunction the driver launch takes, and launchKernel takes kernelParams."""
+    cupy = pytest.importorskip("cupy")
+    from iabn_core.backends.cuda import CudaRuntime
+
+    assert "kernel" in dir(cupy.RawKernel)
+    assert "ptr" in dir(cupy.cuda.function.Function)
+    doc = cupy.cuda.driver.launchKernel.__doc__ or ""
+    assert "kernel_params" in doc and "stream" in doc
+
+    class Loaded:
+        ptr = 1234
+
+    class Raw:
+        kernel = Loaded()
+
+    assert CudaRuntime.handle(Raw()) == 1234

@@ -61,7 +61,9 @@ class CudaRuntime:
 
     @staticmethod
     def handle(fn) -> int:
-        return fn.ptr  # the CUfunction
+        # RawModule.get_function returns a RawKernel; its `kernel` is the loaded
+        # cupy.cuda.function.Function (for the current device), whose `ptr` is the CUfunction.
+        return fn.kernel.ptr
 
     def empty(self, shape, dtype_name):
         if self._allocator is not None:
