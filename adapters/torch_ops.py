@@ -370,8 +370,11 @@ def _unrebasable_view(x) -> str:
             }.get(meta, "")
 
 
-def inplace_abn(x, weight, bias, running_mean, running_var, training=True, momentum=0.1,
-                eps=1e-5, activation="leaky_relu", activation_param=0.01, residual=None):
+def inplace_abn(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
+                activation: str = "leaky_relu", activation_param: float = 0.01,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """In-place activated batch norm: x is overwritten with
     act(gamma * (x - mean) / sqrt(var + eps) + bias), gamma = |weight| + eps, and returned.
 
@@ -426,9 +429,12 @@ class SyncFallbackWarning(UserWarning, RuntimeWarning):
     for it still apply."""
 
 
-def inplace_abn_sync(x, weight, bias, running_mean, running_var, training=True, momentum=0.1,
-                     eps=1e-5, activation="leaky_relu", activation_param=0.01, group=None,
-                     residual=None):
+def inplace_abn_sync(x: torch.Tensor, weight: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                     running_var: Optional[torch.Tensor], training: bool = True,
+                     momentum: float = 0.1, eps: float = 1e-5, activation: str = "leaky_relu",
+                     activation_param: float = 0.01, group: Optional[object] = None,
+                     residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Like `inplace_abn`, with batch statistics synchronised over `group` (None: the default
     group) when training: every rank gets the statistics of the whole global batch, and
     backward all-reduces [sum dy, sum dy*xhat]; dweight/dbias stay local (DDP averages
