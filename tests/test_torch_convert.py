@@ -14,6 +14,7 @@ from torch import nn
 
 import iabn.torch as it
 import torchvision_like as tv
+from timm_like import BatchNormAct2d
 from iabn.torch import IABNConversionWarning
 
 SLOPE = 0.01
@@ -154,22 +155,6 @@ def test_segmentation_models_match(net):
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     target = torch.randint(0, 5, (2, 32, 32))
     assert_same_function(orig, conv, x, lambda y: F.cross_entropy(y, target))
-
-
-class BatchNormAct2d(nn.BatchNorm2d):
-    """Look-alike of timm's BatchNormAct2d: BN with a drop and an activation inside."""
-
-    def __init__(self, c, act_layer=nn.ReLU, apply_act=True, drop_layer=None):
-        super().__init__(c)
-        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
-        self.act = act_layer(inplace=True) if apply_act else nn.Identity()
-
-    def forward(self, x):
-        if self.training:
-            self.num_batches_tracked.add_(1)
-        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                         self.training, self.momentum, self.eps)
-        return self.act(self.drop(x))
 
 
 class TimmBlock(nn.Module):
