@@ -26,6 +26,7 @@ incomplete.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -142,13 +143,16 @@ class _Recorded:
         return getattr(self._fn, attr)
 
 
-def record_launches(backend) -> set:
-    """Wraps the backend's kernel lookup and packed launch (launch programs,
-    iabn_core/program.py) so every launched kernel name lands in a set."""
+@contextlib.contextmanager
+def record_launches(backend):
+    """Within the block, the backend's kernel lookup and packed launch (launch programs,
+    iabn_core/program.py) note every launched kernel name in the set it yields; the runtime
+    is restored after (the backend is process-wide: tests run the driver in-process)."""
     launched: set = set()
     rt = backend.rt
     lookup, packed = rt.function, rt.launch_packed
     names: dict = {}  # native handle -> kernel name
+    own = {k: vars(rt)[k] for k in ("function", "launch_packed") if k in vars(rt)}
 
     def function(spec, name):
         fn = _Recorded(lookup(spec, name), name, launched)
@@ -156,11 +160,20 @@ def record_launches(backend) -> set:
         return fn
 
     def launch_packed(handle, *rest):
-        launched.add(names[handle])
+        # programs recorded before the block hold handles of their own: not this run's
+        if handle in names:
+            launched.add(names[handle])
         return packed(handle, *rest)
 
     rt.function, rt.launch_packed = function, launch_packed
-    return launched
+    try:
+        yield launched
+    finally:
+        for k in ("function", "launch_packed"):
+            if k in own:
+                setattr(rt, k, own[k])
+            else:
+                delattr(rt, k)
 
 
 def run_step(mem: Memory, backend: str, pair, layout, shape, shift, scenario, rng):
@@ -231,8 +244,15 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", choices=("cuda", "emulator"), default="cuda")
     ap.add_argument("--json", metavar="PATH", help="write launches, coverage and mismatches")
     args = ap.parse_args(argv)
+    with record_launches(backends.get(args.backend)) as launched:
+        return _drive(args, launched)
+
+
+def _drive(args, launched: set) -> int:
+    from iabn_core import signature
+
+    signature.clear()  # fresh problems: their programs are recorded inside this block
     mem = Memory(args.backend)
-    launched = record_launches(backends.get(args.backend))
     problems, steps, t0 = [], 0, time.time()
     for pair in PAIRS:
         for layout, shapes in SHAPES.items():

@@ -291,7 +291,8 @@ def test_emulator_traps_a_misaligned_vector_access():
                                       # no residual; stats given (mode 0): no partials, no
                                       # running stats
                                       None, None, np.int64(0), None, None, None, None,
-                                      np.float32(0), np.float32(0), np.int32(0)))
+                                      np.float32(0), np.float32(0), np.int32(0),
+                                      None))  # no batch counter
 
 
 # ------------------------------------------------------------------------------------------
