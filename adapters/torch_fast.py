@@ -146,8 +146,9 @@ def clear() -> None:
 
 
 def admit(entry, x, weight, bias, running_mean, running_var, residual, momentum, counter):
-    """(program, pointers) when this call may take the fast path; None sends it to the
-    general path (which then either runs it or raises the error naming the argument)."""
+    """The call (entry, program, pointers, running stats, counter, momentum) when it may take
+    the fast path; None sends it to the general path (which then either runs it or raises
+    the error naming the argument)."""
     if (type(momentum) is not float or not 0.0 <= momentum <= 1.0 or _functorch_active()
             or _forward_ad._current_level >= 0):  # forward-mode AD: the general path refuses
         return None
@@ -180,7 +181,9 @@ def admit(entry, x, weight, bias, running_mean, running_var, residual, momentum,
             0 if residual is None else residual.data_ptr(),
             0 if counter is None else counter.data_ptr())
     prog = entry.fwd.program(ptrs)
-    return None if prog is None else (prog, ptrs)
+    if prog is None:
+        return None
+    return (entry, prog, ptrs, running_mean, running_var, counter, momentum)
 
 
 class FastInPlaceABN(torch.autograd.Function):
@@ -193,9 +196,9 @@ class FastInPlaceABN(torch.autograd.Function):
     are set directly, as mark_dirty / set_materialize_grads / save_for_backward do."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, entry, admitted, running_mean, running_var,
-                counter, momentum):
-        prog, ptrs = admitted
+    def forward(ctx, x, weight, bias, residual, call):
+        # `call` is admit's tuple: one argument instead of seven for the C-level apply
+        entry, prog, ptrs, running_mean, running_var, counter, momentum = call
         ws = entry.proto.new_empty(entry.ws_elems)
         index = entry.index  # admit made sure a CUDA tensor's device is the current one
         prog.run(ptrs, ws.data_ptr(), momentum, 0 if index < 0 else _raw_stream(index))
@@ -239,7 +242,7 @@ class FastInPlaceABN(torch.autograd.Function):
             return _closed_form(entry, z, dz, ws, weight, bias, residual, None, ctx)
         needs = ctx.needs_input_grad
         return (dx, dw if needs[1] else None, db if needs[2] else None,
-                dr if needs[3] else None, None, None, None, None, None, None)
+                dr if needs[3] else None, None)
 
 
 def _backward_program(entry, ptrs, inplace):
@@ -264,4 +267,4 @@ def _closed_form(entry, z, dz, ws, weight, bias, residual, dws, ctx):
                                           training, eps, activation, param, dinv)
     needs = ctx.needs_input_grad
     return (dx, dw if needs[1] else None, db if needs[2] else None, dr if needs[3] else None,
-            None, None, None, None, None, None)
+            None)

@@ -404,11 +404,10 @@ def _apply(x, weight, bias, running_mean, running_var, training, momentum, eps, 
                       activation, activation_param)
         entry = _fast._entries.get(k)
         if entry is not None:
-            admitted = _fast.admit(entry, x, weight, bias, running_mean, running_var,
-                                   residual, momentum, counter)
-            if admitted is not None:
-                return _fast.apply(x, weight, bias, residual, entry, admitted, running_mean,
-                                   running_var, counter, momentum)[0]
+            call = _fast.admit(entry, x, weight, bias, running_mean, running_var, residual,
+                               momentum, counter)
+            if call is not None:
+                return _fast.apply(x, weight, bias, residual, call)[0]
     _check_tensors(x, weight, bias, running_mean, running_var, training, residual)
     _validate.check_scalars(training, momentum, eps, activation, activation_param,
                             acc_dtype="float64" if x.dtype == torch.float64 else "float32")
