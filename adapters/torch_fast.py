@@ -29,7 +29,7 @@ import threading
 
 import torch
 
-from iabn_core.calls import BackwardCall, ForwardCall
+from iabn_core.calls import BackwardCall, ForwardCall, disjoint_writes
 
 from .torch_bridge import TORCH_DTYPES, _backend_for
 from .torch_grad import closed_form_backward
@@ -97,7 +97,7 @@ class Entry:
     backward's scratch behind the stats (`stats_bytes`), whatever the alignment classes."""
 
     __slots__ = ("fwd", "bwd", "device", "index", "acc", "param", "cfg", "c", "ws_elems",
-                 "stats_bytes", "proto")
+                 "stats_bytes", "proto", "param_bytes")
 
     def __init__(self, sig, backend, x, training, eps, activation, activation_param,
                  has_residual, params):
@@ -110,6 +110,7 @@ class Entry:
         self.acc = TORCH_DTYPES[prob.acc_dtype]
         self.param = TORCH_DTYPES[prob.param_dtype]
         self.c = prob.c
+        self.param_bytes = prob.c * torch.empty(0, dtype=self.param).element_size()
         self.cfg = (training, eps, activation, activation_param)
         self.proto = torch.empty(0, dtype=self.acc, device=self.device)  # for new_empty
         self.stats_bytes, self.ws_elems = self.fwd.stats_bytes, self.fwd.max_ws_elems()
@@ -143,6 +144,7 @@ def register(k, x, weight, bias, running_mean, running_var, residual, training, 
 
 def clear() -> None:
     _entries.clear()
+    _bwd_entries.clear()
 
 
 def admit(entry, x, weight, bias, running_mean, running_var, residual, momentum, counter):
@@ -268,3 +270,102 @@ def _closed_form(entry, z, dz, ws, weight, bias, residual, dws, ctx):
     needs = ctx.needs_input_grad
     return (dx, dw if needs[1] else None, db if needs[2] else None, dr if needs[3] else None,
             None)
+
+
+# ------------------------------------------------------------------------------------------
+# The custom ops' bodies (torch.compile, torch.export and the general path's backward call
+# them with real tensors at run time): the same programs, with the checks a body needs.
+# Autograd and tracing are outside the op, so only the buffers are checked; what the op is
+# handed to write (dx, dresidual) is checked against everything else.
+# ------------------------------------------------------------------------------------------
+_bwd_entries: dict = {}
+
+
+def op_forward(x, weight, bias, running_mean, running_var, residual, training, momentum, eps,
+               activation, activation_param):
+    """The forward op on a known signature: x <- z and the stats (4, C), or None (the
+    general path then runs it, and registers the signature)."""
+    k = key(x, weight, bias, running_mean, running_var, residual, training, eps, activation,
+            activation_param)
+    entry = _entries.get(k)
+    if entry is None or (entry.index >= 0 and _current_device() != entry.index):
+        return None
+    ptrs = (x.data_ptr(), 0 if weight is None else weight.data_ptr(),
+            0 if bias is None else bias.data_ptr(),
+            0 if running_mean is None else running_mean.data_ptr(),
+            0 if running_var is None else running_var.data_ptr(),
+            0 if residual is None else residual.data_ptr(), 0)
+    prog = entry.fwd.program(ptrs)
+    if prog is None:
+        return None
+    ws = entry.proto.new_empty(entry.ws_elems)
+    index = entry.index
+    prog.run(ptrs, ws.data_ptr(), momentum, 0 if index < 0 else _raw_stream(index))
+    return ws[:4 * entry.c].view(4, entry.c)
+
+
+def _like(t, z) -> bool:
+    return (t is None or (type(t) is torch.Tensor and t.shape == z.shape and t.dtype == z.dtype
+                          and t.stride() == z.stride() and t.get_device() == z.get_device()
+                          and not t.is_neg()))
+
+
+def op_backward(z, dz, dx, stats, weight, bias, residual, dresidual, training, eps, activation,
+                activation_param):
+    """The backward op on a known signature: dx (and dresidual) written, (dweight, dbias)
+    returned; None when the general path must run it."""
+    k = key(z, weight, bias, None, None, residual, training, eps, activation, activation_param)
+    entry = _bwd_entries.get(k)
+    if entry is None or (entry.index >= 0 and _current_device() != entry.index):
+        return None
+    c = entry.c
+    if not (_like(dz, z) and _like(dx, z) and _like(dresidual, z)
+            and (dresidual is None) == (residual is None) and type(stats) is torch.Tensor
+            and stats.shape == (4, c) and stats.dtype == entry.acc and stats.is_contiguous()
+            and stats.get_device() == entry.index):
+        return None
+    dw = None if weight is None else weight.new_empty(c)
+    db = None if bias is None else bias.new_empty(c)
+    zp, dzp, dxp = z.data_ptr(), dz.data_ptr(), dx.data_ptr()
+    inplace = dxp == dzp
+    ptrs = (zp, dzp, dxp, stats.data_ptr(), 0 if weight is None else weight.data_ptr(),
+            0 if bias is None else bias.data_ptr(),
+            0 if residual is None else residual.data_ptr(),
+            0 if dresidual is None else dresidual.data_ptr(),
+            0 if dw is None else dw.data_ptr(), 0 if db is None else db.data_ptr())
+    small = tuple((p, p + n) for p, n in ((ptrs[3], entry.stats_bytes),
+                                          (ptrs[4], entry.param_bytes),
+                                          (ptrs[5], entry.param_bytes)) if p)
+    written = (0 if inplace else dxp, ptrs[7])
+    read = (zp, dzp, ptrs[6])
+    if inplace and not disjoint_writes(entry.fwd.spans[0], (dxp,), (zp, ptrs[6]), small):
+        return None
+    if not disjoint_writes(entry.fwd.spans[0], written, read, small):
+        return None
+    prog = entry.bwd.program(ptrs, inplace)
+    if prog is None:
+        return None
+    scratch = entry.proto.new_empty(entry.ws_elems)
+    index = entry.index
+    prog.run(ptrs, scratch.data_ptr(), 0.0, 0 if index < 0 else _raw_stream(index))
+    return dw, db
+
+
+def register_backward(z, weight, bias, residual, training, eps, activation,
+                      activation_param) -> None:
+    """After the backward op's general path succeeded: make its signature's entry."""
+    last = getattr(_pending, "last", None)
+    _pending.last = None
+    k = key(z, weight, bias, None, None, residual, training, eps, activation, activation_param)
+    if last is None or k is None:
+        return
+    sig, backend = last
+    if not sig.prob.count or getattr(backend, "program", None) is None:
+        return
+    index = z.get_device()
+    if index >= 0 and _current_device() != index:
+        return
+    if len(_bwd_entries) >= MAX_ENTRIES:
+        _bwd_entries.clear()
+    _bwd_entries[k] = Entry(sig, backend, z, training, eps, activation, activation_param,
+                            residual is not None, (weight, bias, None, None))

@@ -68,8 +68,19 @@ def _forward_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
     """x <- act(BN(x) [+ residual]) in place (running stats updated in place when training);
     returns the per-channel stats (4, C): count, mean, biased var, inverse std. A non-empty
     group_name synchronises the statistics over that torch.distributed group (see _comm)."""
-    return _forward_impl(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                         activation, activation_param, group_name, residual)[0]
+    if not group_name:  # a signature seen before: the programs over pointers (torch_fast)
+        stats = _fast.op_forward(x, weight, bias, running_mean, running_var, residual, training,
+                                 momentum, eps, activation, activation_param)
+        if stats is not None:
+            return stats
+    stats = _forward_impl(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                          activation, activation_param, group_name, residual)[0]
+    if not group_name:
+        _fast.register(_fast.key(x, weight, bias, running_mean, running_var, residual, training,
+                                 eps, activation, activation_param), x, weight, bias,
+                       running_mean, running_var, residual, training, eps, activation,
+                       activation_param)
+    return stats
 
 
 @_forward_op.register_fake
@@ -120,6 +131,7 @@ def _backward_core(z, dz, dx, stats, weight, bias, training, eps, activation, ac
                        training, zc, _comm(group_name), residual is not None, sig)
     _, dw, db, *_ = _ops.backward(ctx, zc, dzc, out=None if same else dxc,
                                   residual=to_core(residual), residual_out=to_core(dresidual))
+    _fast.remember(sig, backend)
     return (None if dw is None else from_core(dw)), (None if db is None else from_core(db))
 
 
@@ -136,8 +148,17 @@ def _backward_op(z: torch.Tensor, dz: torch.Tensor, dx: torch.Tensor, stats: tor
     No argument has a default: torch's boxed calls drop trailing arguments equal to their
     defaults, and torch 2.11's in-place bookkeeping then indexes the mutated `dresidual`
     past the end (IndexError in opcheck and torch.compile on the first H200 run)."""
-    dweight, dbias = _backward_impl(z, dz, dx, stats, weight, bias, training, eps, activation,
-                                    activation_param, group_name, residual, dresidual)
+    grads = None
+    if not group_name:  # a signature seen before: the programs over pointers (torch_fast)
+        grads = _fast.op_backward(z, dz, dx, stats, weight, bias, residual, dresidual, training,
+                                  eps, activation, activation_param)
+    if grads is None:
+        grads = _backward_impl(z, dz, dx, stats, weight, bias, training, eps, activation,
+                               activation_param, group_name, residual, dresidual)
+        if not group_name:
+            _fast.register_backward(z, weight, bias, residual, training, eps, activation,
+                                    activation_param)
+    dweight, dbias = grads
     return (_param_grad_like(None, stats) if dweight is None else dweight,
             _param_grad_like(None, stats) if dbias is None else dbias)
 

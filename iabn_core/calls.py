@@ -130,3 +130,22 @@ def _max_ws(be, prob, kinds, training, has_residual, vector, acc_size) -> int:
         for m in ((0, full) if vector else (0,)):
             sizes.append(be.program(prob, k, training, has_residual, m).ws_bytes)
     return max(sizes) // acc_size
+
+
+def disjoint_writes(span: tuple, written: tuple, read: tuple, small: tuple) -> bool:
+    """Whether no written x-like buffer (pointers in `written`, each spanning `span` from its
+    pointer) shares a byte with another written one, with a read x-like one (`read`), or with
+    a small buffer ((start, end) pairs in `small`). 0 pointers are absent. For callers that
+    are handed their output buffers (a custom op's body) rather than allocating them."""
+    lo, hi = span
+    for i, w in enumerate(written):
+        if not w:
+            continue
+        a0, a1 = w + lo, w + hi
+        for j, o in enumerate(written + read):
+            if o and j != i and o + lo < a1 and a0 < o + hi:
+                return False
+        for s0, s1 in small:
+            if s0 < a1 and a0 < s1:
+                return False
+    return True

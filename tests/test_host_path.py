@@ -266,3 +266,40 @@ def test_cuda_runtime_relies_on_cupy_api_that_exists():
         kernel = Loaded()
 
     assert CudaRuntime.handle(Raw()) == 1234
+
+
+def test_custom_op_bodies_take_the_programs(monkeypatch):
+    """torch.compile / export call the custom ops at run time: after a signature's first call
+    their bodies run the programs over pointers (no crossing), with the same bits, and a
+    backward op handed an output that overlaps its inputs still goes to the checks that
+    refuse it."""
+    monkeypatch.setenv("IABN_BACKEND", "emulator")
+    torch_fast.clear()
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(3, 4, 3, 2, dtype=torch.float64, generator=g)
+    dz = torch.randn(3, 4, 3, 2, dtype=torch.float64, generator=g)
+    w = torch.rand(4, dtype=torch.float64, generator=g) + 0.5
+    b = torch.randn(4, dtype=torch.float64, generator=g)
+    outs = []
+    for call in range(3):
+        if call == 2:
+            monkeypatch.setattr(torch_ops, "to_core", lambda *a: pytest.fail("crossed"))
+        x, rm, rv = x0.clone(), torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+        stats = torch.ops.iabn.inplace_abn_forward(x, w, b, rm, rv, True, 0.1, 1e-5, "elu",
+                                                   0.5, "", None)
+        dx = torch.empty_like(x)
+        dw, db = torch.ops.iabn.inplace_abn_backward(x, dz, dx, stats, w, b, True, 1e-5, "elu",
+                                                     0.5, "", None, None)
+        outs.append([t.clone() for t in (x, rm, rv, stats, dx, dw, db)])
+    for a, b_ in zip(outs[0], outs[2]):
+        torch.testing.assert_close(a, b_, rtol=0, atol=0)
+    monkeypatch.undo()
+    monkeypatch.setenv("IABN_BACKEND", "emulator")
+    x = x0.clone()
+    stats = torch.ops.iabn.inplace_abn_forward(x, w, b, None, None, True, 0.1, 1e-5, "elu",
+                                               0.5, "", None)
+    before = x.clone()
+    with pytest.raises(IABNError):
+        torch.ops.iabn.inplace_abn_backward(x, dz, x, stats, w, b, True, 1e-5, "elu", 0.5, "",
+                                            None, None)
+    torch.testing.assert_close(x, before, rtol=0, atol=0)
