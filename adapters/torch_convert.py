@@ -36,6 +36,7 @@ from .torch_fx_nodes import (_Act, _Tracer, _act_of_module, _act_of_node, _descr
                              drop_rate)
 from .torch_modules import (IABNConversionWarning, IN_PLACE_MODULES, from_batchnorm, to_sync)
 from .torch_checkpoint import scale_change
+from .torch_convert_precision import fused_precision_warning
 
 __all__ = ["convert_model"]
 
@@ -327,7 +328,8 @@ def convert_model(model: nn.Module, sync: bool = False, group: Optional[Any] = N
     those scales raised to eps: its output changes by at most (eps - gamma)*|x_hat| <=
     eps*|x_hat| (x_hat the normalised input), and a warning lists each such layer with its
     bound. exact=True refuses any change of function (those layers stay BN). A negative
-    gamma is always refused.
+    gamma is always refused. Fused layers whose BN output scale is small (zero-initialised
+    gamma) are listed in a warning: under 16-bit autocast their gradients are mostly rounding.
 
     sync=True makes the in-place layers InPlaceABNSync over `group` (None: the default group),
     including InPlaceABN layers already in the model."""
@@ -390,6 +392,9 @@ def convert_model(model: nn.Module, sync: bool = False, group: Optional[Any] = N
             + "\n  ".join(f"{name}: {c.channels} of {c.total} channels, by at most "
                            f"{c.bound:.3g}*|x_hat|" for name, c in changed),
             IABNConversionWarning, stacklevel=2)
+    fused = {p.bn.target: modules[p.bn.target] for p in st.plans if p.add is not None}
+    if msg := fused_precision_warning(fused):
+        warnings.warn(msg, IABNConversionWarning, stacklevel=2)
     relu = [p.bn.target for p in st.plans if p.relu_replaced]
     if relu:
         warnings.warn(f"convert_model replaced the ReLU after {len(relu)} BatchNorm layers by "

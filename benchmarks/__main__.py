@@ -24,7 +24,7 @@ import torch
 from . import report
 from .cases import Settings, comma_list, device_slug
 
-PARTS = ("counts", "compile", "saved", "speed", "memory", "step", "overhead")
+PARTS = ("counts", "compile", "saved", "speed", "memory", "step", "overhead", "precision")
 GPU_PARTS = ("speed", "memory", "step")
 # --time-budget: each part's share of the time still left when it starts (the torch.compile
 # passes run last), and the least time worth starting it with.
@@ -206,6 +206,11 @@ def main(argv=None) -> int:
             run.attempt(part, lambda: overhead.overhead_rows(settings, gpu))
             if gpu:  # the diagnostic behind the figures: where a layer's host time goes
                 _profile_host(out)
+        elif part == "precision":
+            from . import precision
+
+            run.attempt(part, lambda: precision.precision_data(
+                settings, "cuda" if gpu else "cpu", progress=lambda s: print(s, file=sys.stderr)))
         write_outputs(out, run, run.settings, env, gpu, argv)  # progress survives a kill
     compiled_passes(run, gpu, lambda: write_outputs(out, run, run.settings, env, gpu, argv))
     write_outputs(out, run, run.settings, env, gpu, argv)
@@ -373,6 +378,14 @@ def write_outputs(out: Path, run: Run, settings: Settings, env: dict, gpu: bool,
         md += overhead.summary_section(run.data["overhead"])
     else:
         md += ["## Host overhead per layer", "", _why(run, "overhead"), ""]
+
+    if "precision" in run.data:
+        from . import precision_report
+
+        md += [f"## Precision in 16 bits ({env['device']})", ""]
+        md += precision_report.write(out, run.data["precision"], env["device"])
+    else:
+        md += ["## Precision in 16 bits", "", _why(run, "precision"), ""]
 
     if "compile" in run.data:
         rows = run.data["compile"]
