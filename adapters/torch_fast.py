@@ -185,7 +185,7 @@ def admit(entry, x, weight, bias, running_mean, running_var, residual, momentum,
     prog = entry.fwd.program(ptrs)
     if prog is None:
         return None
-    return (entry, prog, ptrs, running_mean, running_var, counter, momentum)
+    return (entry, prog, ptrs, running_mean, running_var, counter, momentum, recording)
 
 
 class FastInPlaceABN(torch.autograd.Function):
@@ -200,19 +200,11 @@ class FastInPlaceABN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, call):
         # `call` is admit's tuple: one argument instead of seven for the C-level apply
-        entry, prog, ptrs, running_mean, running_var, counter, momentum = call
-        ws = entry.proto.new_empty(entry.ws_elems)
-        index = entry.index  # admit made sure a CUDA tensor's device is the current one
-        prog.run(ptrs, ws.data_ptr(), momentum, 0 if index < 0 else _raw_stream(index))
-        if running_mean is not None and entry.fwd.training:  # what the kernels wrote
-            _increment_version((running_mean, running_var) if counter is None else
-                               (running_mean, running_var, counter))
-        elif counter is not None:
-            _increment_version((counter,))
+        ws = _launch(x, call)
         ctx.dirty_tensors = (x,)
         ctx.materialize_grads = False
         ctx.to_save = (x, ws, weight, bias, residual)
-        ctx.entry = entry
+        ctx.entry = call[0]
         return x, ws
 
     @staticmethod
@@ -259,6 +251,29 @@ def _backward_program(entry, ptrs, inplace):
 
 
 apply = super(torch.autograd.Function, FastInPlaceABN).apply  # the C-level apply
+
+
+def _launch(x, call):
+    """The forward's launches; returns the workspace (stats at its head)."""
+    entry, prog, ptrs, running_mean, running_var, counter, momentum, _ = call
+    ws = entry.proto.new_empty(entry.ws_elems)
+    index = entry.index  # admit made sure a CUDA tensor's device is the current one
+    prog.run(ptrs, ws.data_ptr(), momentum, 0 if index < 0 else _raw_stream(index))
+    if running_mean is not None and entry.fwd.training:  # what the kernels wrote
+        _increment_version((running_mean, running_var) if counter is None else
+                           (running_mean, running_var, counter))
+    elif counter is not None:
+        _increment_version((counter,))
+    return ws
+
+
+def run_unrecorded(x, call):
+    """A call autograd does not record (no_grad, or nothing requires grad: inference, running
+    statistics recalibration): the launches without an autograd node."""
+    _launch(x, call)
+    if not x.is_inference():  # inference tensors keep no version counter
+        _increment_version((x,))
+    return x
 
 
 def _closed_form(entry, z, dz, ws, weight, bias, residual, dws, ctx):

@@ -428,7 +428,9 @@ def _apply(x, weight, bias, running_mean, running_var, training, momentum, eps, 
             call = _fast.admit(entry, x, weight, bias, running_mean, running_var, residual,
                                momentum, counter)
             if call is not None:
-                return _fast.apply(x, weight, bias, residual, call)[0]
+                if call[7]:  # autograd records this call
+                    return _fast.apply(x, weight, bias, residual, call)[0]
+                return _fast.run_unrecorded(x, call)
     _check_tensors(x, weight, bias, running_mean, running_var, training, residual)
     _validate.check_scalars(training, momentum, eps, activation, activation_param,
                             acc_dtype="float64" if x.dtype == torch.float64 else "float32")

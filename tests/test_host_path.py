@@ -303,3 +303,23 @@ def test_custom_op_bodies_take_the_programs(monkeypatch):
         torch.ops.iabn.inplace_abn_backward(x, dz, x, stats, w, b, True, 1e-5, "elu", 0.5, "",
                                             None, None)
     torch.testing.assert_close(x, before, rtol=0, atol=0)
+
+
+def test_unrecorded_calls_skip_the_autograd_node_but_bump_versions(monkeypatch):
+    """Under no_grad (validation, statistics recalibration) the fast path launches without an
+    autograd node; x's version still moves, and the result is the recorded path's."""
+    monkeypatch.setenv("IABN_BACKEND", "emulator")
+    torch.manual_seed(1)
+    m = InPlaceABN(4).double().eval()
+    x0 = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    want = m(x0.clone().requires_grad_().clone()).detach()  # recorded (general, then fast)
+    with torch.no_grad():
+        for _ in range(3):
+            x = x0.clone()
+            v0 = x._version
+            y = m(x)
+            assert y is x and x._version == v0 + 1 and y.grad_fn is None
+            torch.testing.assert_close(y, want, rtol=0, atol=0)
+    with torch.inference_mode():
+        xi = x0.clone()
+        torch.testing.assert_close(m(xi), want, rtol=0, atol=0)
