@@ -227,11 +227,14 @@ class FastInPlaceABN(torch.autograd.Function):
                 0 if residual is None else residual.data_ptr(), 0 if dr is None else dr.data_ptr(),
                 0 if dw is None else dw.data_ptr(), 0 if db is None else db.data_ptr())
         index = entry.index
-        if index >= 0 and _current_device() != index:  # autograd's device thread normally is
+        if index < 0 or _current_device() == index:  # autograd's device thread: the usual case
+            prog = entry.bwd.program(ptrs, inplace)
+            if prog is not None:  # scratch: see _backward_program
+                prog.run(ptrs, ptrs[3] + entry.stats_bytes, 0.0,
+                         0 if index < 0 else _raw_stream(index))
+        else:
             with torch.cuda.device(index):
                 prog = _backward_program(entry, ptrs, inplace)
-        else:
-            prog = _backward_program(entry, ptrs, inplace)
         if prog is None:  # a misaligned gradient: the torch closed form handles any memory
             return _closed_form(entry, z, dz, ws, weight, bias, residual, None, ctx)
         needs = ctx.needs_input_grad
