@@ -97,7 +97,7 @@ def test_overhead_csv(results):
     assert list(rows[0]) == ["impl", "path", "variant", "stage", "us_per_call", "launches",
                              "frames"]
     assert {(r["impl"], r["path"]) for r in rows} == {("torch", "cpu"), ("iabn", "cpu"),
-                                                      ("iabn", "null")}
+                                                      ("torch", "cpu:null"), ("iabn", "null")}
     assert all(float(r["us_per_call"]) > 0 for r in rows)
     assert "## Host overhead per layer (CPU)" in (results / "summary.md").read_text()
 
