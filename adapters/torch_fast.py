@@ -31,7 +31,7 @@ import torch
 
 from iabn_core.calls import BackwardCall, ForwardCall, disjoint_writes
 
-from .torch_bridge import TORCH_DTYPES, _backend_for
+from .torch_bridge import TORCH_DTYPES
 from .torch_grad import closed_form_backward
 
 MAX_ENTRIES = 512
