@@ -60,17 +60,19 @@ def capturing(like) -> bool:
     return bool(cupy.cuda.get_current_stream().is_capturing())
 
 
-def agree(comm, c: int | None, count: int | None, like, *, failed: bool = False) -> None:
+def agree(comm, c: int | None, count: int | None, like, *, failed: bool = False):
     """Exchange (status, C, count) with every rank and raise the same IABNError on all of
-    them if any rank failed validation, the channel counts differ, or the global count is
-    below 2. A rank that failed its own validation calls this with failed=True so its peers
-    are not left waiting; it then raises its own error."""
+    them if any rank failed validation, the channel counts differ, or the global count is 1
+    (0 is an empty batch everywhere, as nn.BatchNorm allows; >= 2 gives a variance). Returns
+    the global count (None while a CUDA graph is captured: no host exchange then). A rank that
+    failed its own validation calls this with failed=True so its peers are not left waiting;
+    it then raises its own error."""
     if capturing(like):
-        return
+        return None
     mine = (HEADER_FAILED, 0, 0) if failed else (HEADER_OK, int(c), int(count))
     rows = [tuple(int(v) for v in r) for r in comm.exchange_header(mine, like)]
     if failed:
-        return
+        return None
     bad = [r for r, row in enumerate(rows) if row[0] != HEADER_OK]
     if bad:
         raise IABNError(f"synchronized InPlace-ABN: rank(s) {bad} of {len(rows)} rejected their "
@@ -81,10 +83,11 @@ def agree(comm, c: int | None, count: int | None, like, *, failed: bool = False)
                         f"(C per rank, in rank order: {channels}); every rank of the group must "
                         "call the same layer with the same number of channels")
     counts = [row[2] for row in rows]
-    if sum(counts) < 2:
+    if sum(counts) == 1:
         raise IABNError(f"Expected more than 1 value per channel when training, got "
                         f"{sum(counts)} over all {len(rows)} ranks (values per channel in rank "
                         f"order: {counts})")
+    return sum(counts)
 
 
 # ------------------------------------------------------------------------------------------

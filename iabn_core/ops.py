@@ -89,13 +89,16 @@ def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps
         if synced:  # still join the header exchange, so the peers raise instead of waiting
             _comm.agree(comm, None, None, x, failed=True)
         raise
+    total = None
     if synced:
-        # Same C everywhere and a global count >= 2, checked on every rank before the stats
-        # all-gather (whose sizes must match on all ranks); see iabn_core/comm.py.
-        _comm.agree(comm, prob.c, prob.count, x)
-    if not prob.count and not synced:  # an empty batch: nothing to normalise or to learn
+        # Same C everywhere and a global count of 0 or >= 2, checked on every rank before the
+        # stats all-gather (whose sizes must match on all ranks); see iabn_core/comm.py.
+        total = _comm.agree(comm, prob.c, prob.count, x)
+    if (not prob.count and not synced) or total == 0:
+        # An empty batch (on every rank, when synced: all of them see total 0 and none joins
+        # a collective, here or in backward): nothing to normalise or to learn.
         return Context(prob, layout, tuple(x.shape), be, _empty_stats(x, prob), weight, bias,
-                       training, x, comm, residual is not None, sig)
+                       training, x, None, residual is not None, sig)
     # Compile/load every kernel this call needs before the first write: a compiler or loader
     # failure must not leave running stats updated and x untouched.
     be.prepare(prob, ("stats.cu", "forward.cu"))

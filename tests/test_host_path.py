@@ -323,3 +323,35 @@ def test_unrecorded_calls_skip_the_autograd_node_but_bump_versions(monkeypatch):
     with torch.inference_mode():
         xi = x0.clone()
         torch.testing.assert_close(m(xi), want, rtol=0, atol=0)
+
+
+class _OneRank:
+    """A communicator of one rank (the core's interface), for the synced path's host logic."""
+
+    size, rank = 1, 0
+
+    def exchange_header(self, values, like):
+        return [tuple(values)]
+
+    def all_gather(self, a):
+        return a[None]
+
+    def all_reduce(self, a):
+        return a
+
+
+@pytest.mark.parametrize("backend", ["numpy", "emulator"])
+def test_synced_empty_global_batch_is_an_empty_batch(backend):
+    """Every rank empty: like nn.BatchNorm's empty batch (running stats kept, zero parameter
+    gradients, no collective beyond the header), not an error; a global count of 1 is."""
+    x = np.zeros((0, 3, 4, 4), np.float32)
+    w, b = np.ones(3, np.float32), np.zeros(3, np.float32)
+    rm, rv = np.full(3, 0.5, np.float32), np.full(3, 2.0, np.float32)
+    ctx = ops.forward(x, w, b, rm, rv, training=True, backend=backend, comm=_OneRank())
+    np.testing.assert_array_equal(rm, np.full(3, 0.5, np.float32))
+    np.testing.assert_array_equal(rv, np.full(3, 2.0, np.float32))
+    dx, dw, db = ops.backward(ctx, x, np.zeros_like(x))
+    assert dx.shape == x.shape and not dw.any() and not db.any()
+    with pytest.raises(IABNError, match="more than 1 value"):
+        ops.forward(np.ones((1, 3, 1, 1), np.float32), w, b, rm, rv, training=True,
+                    backend=backend, comm=_OneRank())
