@@ -266,7 +266,24 @@ class ABN(nn.Module):
                 f", activation={act}")
 
 
-class InPlaceABN(ABN):
+class _RefusesTorchScript:
+    """The in-place layers meet torch.jit (trace, script, the TorchScript ONNX exporter) with
+    an error that names the fix, iabn.torch.revert_model. nn.Module calls _slow_forward
+    instead of forward only while the tracer runs, and torch.jit.script calls
+    __prepare_scriptable__ on every submodule first: eager calls pay nothing."""
+
+    def _slow_forward(self, *args, **kwargs):
+        from .torch_revert import _refuse_tracing
+
+        _refuse_tracing(self)
+
+    def __prepare_scriptable__(self):
+        from .torch_revert import _refuse_scripting
+
+        _refuse_scripting(self)
+
+
+class InPlaceABN(_RefusesTorchScript, ABN):
     r"""In-place activated batch norm (Rota Bulò, Porzi, Kontschieder, CVPR 2018): BatchNorm
     and an invertible activation as one layer that writes its output over its input and keeps
     only that output for backward, so a BN + activation + conv block stores one activation
@@ -369,7 +386,7 @@ class InPlaceABN(ABN):
                       buffers["num_batches_tracked"] if counts else None)
 
 
-class InPlaceABNSync(ABN):
+class InPlaceABNSync(_RefusesTorchScript, ABN):
     r"""InPlaceABN with batch statistics synchronised over a torch.distributed group (None:
     the default group). Without torch.distributed it runs locally and warns.
 

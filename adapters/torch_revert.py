@@ -254,12 +254,3 @@ def _refuse_tracing(self, *args, **kwargs):
 
 def _refuse_scripting(self):
     raise IABNError(f"{type(self).__name__}: " + _FIX.format(tool="torch.jit.script"))
-
-
-# nn.Module calls _slow_forward instead of forward only while torch.jit's tracer runs
-# (torch.jit.trace, the TorchScript-based ONNX exporter), and torch.jit.script calls
-# __prepare_scriptable__ on every submodule first: both hooks cost eager calls nothing.
-# Attached here rather than in the class bodies while those are being rewritten.
-for _cls in IN_PLACE_MODULES:
-    _cls._slow_forward = _refuse_tracing
-    _cls.__prepare_scriptable__ = _refuse_scripting
