@@ -3,7 +3,8 @@
 Runs every part it can on this machine and writes CSV, PNG and summary.md into
 benchmarks/results/<device>/ (or --out), rewritten after every part. GPU parts run only when
 torch sees a CUDA device and --cpu-only is not given; otherwise the summary says they did not
-run, and why. The torch.compile baselines of `speed` and `step` run after all other parts.
+run, and why. The torch.compile baselines of `speed` and `step` run after all other parts,
+unless --parts places them (`speed_compiled`, `step_compiled`): parts run in --parts order.
 """
 from __future__ import annotations
 
@@ -24,13 +25,17 @@ import torch
 from . import report
 from .cases import Settings, comma_list, device_slug
 
-PARTS = ("counts", "compile", "saved", "speed", "memory", "step", "overhead", "precision")
-GPU_PARTS = ("speed", "memory", "step")
+PARTS = ("counts", "compile", "saved", "speed", "memory", "step", "overhead", "precision",
+         "speed_compiled", "step_compiled", "step_kernels")
+GPU_PARTS = ("speed", "memory", "step", "step_kernels")
+# A part named here runs that part's torch.compile pass at its place in --parts (reported
+# as "<part> (torch.compile)"); a pass not placed so runs after every other part.
+COMPILED_PARTS = {"speed_compiled": "speed", "step_compiled": "step"}
 # --time-budget: each part's share of the time still left when it starts (the torch.compile
 # passes run last), and the least time worth starting it with.
 TIME_SHARE = {"speed": 3, "memory": 3, "step": 3, "compile": 1, "speed (torch.compile)": 2,
-              "step (torch.compile)": 3}
-TIME_FLOOR_S = {"speed": 15, "memory": 15, "step": 15, "compile": 45}
+              "step (torch.compile)": 5, "step_kernels": 1}
+TIME_FLOOR_S = {"speed": 15, "memory": 15, "step": 15, "compile": 45, "step_kernels": 15}
 # iabn.torch's backward copies the incoming gradient into a fresh buffer in z's layout before
 # the kernels overwrite it with dx (adapters/torch_ops.py): one more read and write per element.
 ADAPTER_GRAD_COPY_PASSES = 2
@@ -159,12 +164,24 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     budgeted = [p for p in args.parts if not (p in GPU_PARTS and not gpu)]
     if gpu and settings.compile:
-        budgeted += [f"{p} (torch.compile)" for p in ("speed", "step") if p in args.parts]
+        budgeted += [f"{p} (torch.compile)" for p in ("speed", "step")
+                     if p in args.parts or f"{p}_compiled" in args.parts]
     run = Run(settings, args.time_budget, budgeted)
     env = environment(gpu)
     from . import counts, memory
 
+    def save():
+        write_outputs(out, run, run.settings, env, gpu, argv)
+
     for part in args.parts:
+        if part in COMPILED_PARTS:
+            if gpu:
+                compiled_passes(run, gpu, save, only=COMPILED_PARTS[part])
+            else:
+                run.skip(f"{COMPILED_PARTS[part]} (torch.compile)", "--cpu-only" if
+                         args.cpu_only else "no CUDA GPU visible to torch")
+            save()
+            continue
         if part in GPU_PARTS and not gpu:
             run.skip(part, "--cpu-only" if args.cpu_only else
                      "no CUDA GPU visible to torch (torch.cuda.is_available() is False)")
@@ -211,9 +228,14 @@ def main(argv=None) -> int:
 
             run.attempt(part, lambda: precision.precision_data(
                 settings, "cuda" if gpu else "cpu", progress=lambda s: print(s, file=sys.stderr)))
-        write_outputs(out, run, run.settings, env, gpu, argv)  # progress survives a kill
-    compiled_passes(run, gpu, lambda: write_outputs(out, run, run.settings, env, gpu, argv))
-    write_outputs(out, run, run.settings, env, gpu, argv)
+        elif part == "step_kernels":
+            from . import step
+
+            run.attempt(part, lambda: step.kernel_profile(
+                settings, "cuda", out, progress=lambda s: print(s, file=sys.stderr)))
+        save()  # progress survives a kill
+    compiled_passes(run, gpu, save)
+    save()
     print(f"[benchmarks] results in {out}", file=sys.stderr)
     return 1 if any(s.startswith("failed") for s in run.status.values()) else 0
 
@@ -229,8 +251,11 @@ def _profile_host(out: Path) -> None:
         print(f"[benchmarks] profile_host failed: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
-def compiled_passes(run: Run, gpu: bool, save=lambda: None) -> None:
-    """The torch.compile baselines, after every other part: compiling is the slowest work."""
+def compiled_passes(run: Run, gpu: bool, save=lambda: None, only: str | None = None) -> None:
+    """The torch.compile baselines, after every other part (compiling is the slowest work),
+    or only `only`'s where --parts places it. A pass already reported is not run again."""
+    if only and gpu and not run.settings.compile:
+        run.skip(f"{only} (torch.compile)", "--no-compile")
     if not (gpu and run.settings.compile):
         return
     from . import speed, step
@@ -251,8 +276,14 @@ def compiled_passes(run: Run, gpu: bool, save=lambda: None) -> None:
 
     for part, fn in (("speed", speed_pass), ("step", step_pass)):
         name = f"{part} (torch.compile)"
+        if (only and part != only) or name in run.status:
+            continue
+        if part == "step" and only:  # placed on its own: compiled rows need no eager rows
+            run.data.setdefault("step", [])
         if part not in run.data:  # nothing to add a baseline to; its share goes to the rest
             run.pending = [p for p in run.pending if p != name]
+            if only:
+                run.skip(name, f"the {part} part did not run: no rows to add a baseline to")
             continue
         settings = run.settings_for(name)
         if settings is not None:
@@ -334,6 +365,10 @@ def write_outputs(out: Path, run: Run, settings: Settings, env: dict, gpu: bool,
         md += step.section(run.data["step"])
     else:
         md += ["## Whole training step (GPU)", "", _why(run, "step"), ""]
+    if "step_kernels" in run.data:  # without it, the parts table above says why
+        from . import step
+
+        md += step.write_kernels(out, run.data["step_kernels"], env["device"])
 
     if "saved" in run.data:
         rows = run.data["saved"]

@@ -10,13 +10,18 @@ each run whatever happened before it:
   3 check      `python -m iabn.check --backend cuda`, the full matrix
   4 sanitizer  compute-sanitizer memcheck, racecheck, synccheck, initcheck in parallel over
                benchmarks.sanitizer_driver (every kernel, awkward shapes, misaligned buffers)
-  5 bench      `python -m benchmarks` GPU parts sized to the time left, torch.compile last
-  6            the verdict table (verdict.md), rewritten after every step
+  5 bench      `python -m benchmarks`, parts in BENCH_PARTS order, sized to the time left: host
+               time, eager whole step, per-layer speed, memory, compiled steps and layers,
+               NVRTC times, the kernel profile of the fused-residual step
+  6 ncu        Nsight Compute on the forward and backward kernels of the two largest shapes;
+               optional: it runs on what bench leaves, never on time bench could use
+  7            the verdict table (verdict.md), rewritten after every step
 --dry-run runs the same orchestration without a GPU: CPU stand-ins (pytest collects and
 skips, the check runs on the emulator with --quick, the driver runs on the emulator without
-a sanitizer, the benchmarks run --tiny --cpu-only). Output (--out, default $OUT): a packed
-results.tar.gz laid out as benchmarks/results/<device>/, plus verdict.md, suite.log and the
-benchmarks' summary.md; see benchmarks/README.md for the device command and unpacking.
+a sanitizer, the benchmarks run --tiny --cpu-only, ncu's target runs on the CPU). Output
+(--out, default $OUT): a packed results.tar.gz laid out as benchmarks/results/<device>/,
+plus verdict.md, suite.log and the benchmarks' summary.md; see benchmarks/README.md for the
+device command and unpacking.
 """
 from __future__ import annotations
 
@@ -32,15 +37,19 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from . import gpu_suite_env, gpu_suite_pack
+from . import gpu_suite_env, gpu_suite_ncu, gpu_suite_pack
 from .cases import comma_list, device_slug
 from .gpu_suite_runner import (FAILED, OUT_OF_TIME, PASSED, SKIPPED, Context, Interrupted,
                                Outcome, Step, Suite, from_command, totals, verdict_markdown)
 
-STEP_NAMES = ("env", "pytest", "check", "sanitizer", "bench")
+STEP_NAMES = ("env", "pytest", "check", "sanitizer", "bench", "ncu")
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 SANITIZER_FOUND = 86  # --error-exitcode: the tool found something (the driver uses 1 and 2)
-BENCH_PARTS = ("speed", "memory", "step", "overhead", "compile")  # those PARTS has, in order
+# Benchmark parts by importance, the order they run in: a run cut at its budget has the
+# host time and the eager whole step first; compiled steps before the NVRTC times; the
+# kernel profile last. Those PARTS has, in this order.
+BENCH_PARTS = ("overhead", "step", "speed", "memory", "step_compiled", "speed_compiled",
+               "compile", "step_kernels")
 BENCH_GRACE_S = 45  # the benchmark process's start-up and last write, beyond its own budget
 
 
@@ -239,10 +248,11 @@ def bench_step(ctx: Context, allot: float) -> Outcome:
 
 def plan(budget: float, names=STEP_NAMES) -> list[Step]:
     """The steps with their time limits for a budget of `budget` seconds (480 by default:
-    env <= 12%, pytest <= 25%, check <= 15%, sanitizer <= 25%, bench the rest)."""
-    def step(name, title, min_s, share, body):  # a cap never below the step's minimum
+    env <= 12%, pytest <= 25%, check <= 15%, sanitizer <= 25%, bench the rest, ncu what
+    bench leaves: it is optional, so no earlier step keeps time back for it)."""
+    def step(name, title, min_s, share, body, optional=False):  # cap >= the step's minimum
         return Step(name, title, min_s, None if share is None else max(
-            min_s, share * budget, 30 if name == "env" else 0), body)
+            min_s, share * budget, 30 if name == "env" else 0), body, optional)
 
     table = {
         "env": step("env", "environment, kernel cache warm-up", 10, 0.12, env_step),
@@ -251,6 +261,8 @@ def plan(budget: float, names=STEP_NAMES) -> list[Step]:
         "sanitizer": step("sanitizer", "compute-sanitizer x4 over the kernel driver", 30, 0.25,
                           sanitizer_step),
         "bench": step("bench", "python -m benchmarks (GPU parts)", 45, None, bench_step),
+        "ncu": step("ncu", "ncu on the two largest shapes' kernels", 60, None,
+                    gpu_suite_ncu.step, optional=True),
     }
     return [table[n] for n in STEP_NAMES if n in names or n == "env"]
 

@@ -5,12 +5,13 @@ Budget rule. With `left` = time left - reserve (for the last packing), step i ge
     allotment = min(max_s, max(left - sum(min_s of the later steps), min_s))
 so a step may use up to its own cap but not the least time the later steps need, unless
 that would leave it less than its own minimum: earlier steps matter more (the order is the
-priority). A step with less than its min_s left is not started ("skipped", with the
-numbers): a step is never begun only to be killed half-way. A step that overruns its
-allotment anyway (a hang) is killed with its whole process group and recorded "out of time".
-Each step runs whatever happened before it; results are handed to `on_record` after every
-step (and `Context.heartbeat` runs during long ones), so a kill of the whole suite still
-leaves the verdict so far.
+priority). An optional step's minimum is not kept back for it: it runs only on time the
+steps before it left unused. A step with less than its min_s left is not started
+("skipped", with the numbers): a step is never begun only to be killed half-way. A step
+that overruns its allotment anyway (a hang) is killed with its whole process group and
+recorded "out of time". Each step runs whatever happened before it; results are handed to
+`on_record` after every step (and `Context.heartbeat` runs during long ones), so a kill of
+the whole suite still leaves the verdict so far.
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ class Step:
     min_s: float
     max_s: float | None  # None: whatever is left
     body: Callable[["Context", float], Outcome]
+    optional: bool = False  # earlier steps keep no time back for it
 
 
 @dataclass
@@ -152,7 +154,7 @@ def allotment(steps: list[Step], i: int, left: float) -> float:
     step = steps[i]
     if left < step.min_s:
         return left
-    kept = sum(s.min_s for s in steps[i + 1:])
+    kept = sum(s.min_s for s in steps[i + 1:] if not s.optional)
     allot = max(left - kept, step.min_s)  # earlier steps come first: at least their minimum
     return allot if step.max_s is None else min(allot, step.max_s)
 

@@ -13,15 +13,24 @@ Kinds: "standard" and "iabn" (benchmarks.nets), and "iabn_fused" when iabn.torch
 convert_model accepts fuse_residual=True (the standard net converted with the residual add
 fused into the layer before it); detected at run time, so this file needs no change when
 that lands. Eager steps run first for every network and precision; torch.compile runs in a
-second pass (compiled=True), so a time budget spends itself on eager figures first.
+second pass (compiled=True), so a time budget spends itself on eager figures first. That pass
+is ResNet-50 only (a compile costs ~40 s) in two modes: "compiled" (torch.compile's default)
+and "reduce-overhead" (the compiled graphs replayed as CUDA graphs; a CPU run reports it as
+not run). `kernel_profile` is the diagnostic behind the float32 fused-residual step: the
+top device kernels of one step, iabn against iabn_fused (issue 20, 4a).
 """
 from __future__ import annotations
 
 import functools
 import gc
+import gzip
 import inspect
+import logging
 import math
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,8 +39,12 @@ from .cases import NetSetup, Settings
 
 PRECISIONS = {"float16-cl": (torch.float16, torch.channels_last),
               "float32": (None, torch.contiguous_format)}
-# Cost of one kind before any is measured (build + first step + timing), by mode.
-GUESS_S = {False: 10.0, True: 90.0}
+# Cost of one kind before any is measured (build + first step + timing), eager / compiled.
+# A compiled ResNet-50 step took 38 s to its first loss on the H200 (2026 run).
+GUESS_S = {False: 10.0, True: 60.0}
+# torch.compile keyword arguments per compiled mode, in the order the pass measures them.
+COMPILE_MODES = {"compiled": {}, "reduce-overhead": {"mode": "reduce-overhead"}}
+COMPILED_NETS = ("resnet50",)
 
 
 def fused_residual_available() -> bool:
@@ -67,19 +80,23 @@ def _host_batch(setup: NetSetup):
     return nets.batch(setup, setup.batches[0], "cpu")
 
 
-def measure(setup: NetSetup, precision: str, kind: str, compiled: bool, device, timer,
-            settings: Settings) -> dict:
-    """One row: median step ms over settings.step_timing() steps, peak memory of one more."""
+def _trainer(setup: NetSetup, precision: str, kind: str, mode: str, device):
+    """(step, model): one training step of a fresh model on the network's fixed batch. The
+    batch and parameters are the same tensors every step: CUDA graphs need static inputs."""
     amp_dtype, fmt = PRECISIONS[precision]
-    n = setup.batches[0]
     model = build(setup, kind, device).to(memory_format=fmt)
     x, y = (t.to(device) for t in _host_batch(setup))
     x = x.contiguous(memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    fwd = torch.compile(model) if compiled else model
+    fwd = model if mode == "eager" else torch.compile(model, **COMPILE_MODES[mode])
     dev_type = torch.device(device).type
+    # a new step may overwrite the graphs' outputs of the last one; saying so up front keeps
+    # cudagraph trees from guessing where a step begins
+    begin = (torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead"
+             else lambda: None)
 
     def step(_=None):
+        begin()
         opt.zero_grad(set_to_none=True)
         with torch.autocast(dev_type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
@@ -88,69 +105,242 @@ def measure(setup: NetSetup, precision: str, kind: str, compiled: bool, device, 
         opt.step()
         return loss
 
-    t0 = time.perf_counter()
-    first_loss = step().detach().item()  # compiles when compiled; waits for the GPU
-    first_s = time.perf_counter() - t0
-    warmup, iters = settings.step_timing()
-    ms = timer(lambda: None, step, warmup, iters)
-    peak = None
-    if dev_type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-    return dict(iabn_layers=_count_iabn(model), step_ms=ms, images_per_s=n / (ms * 1e-3),
-                peak_bytes=peak, first_step_s=first_s, first_loss=first_loss)
+    return step, model
+
+
+class _GraphSkips(logging.Handler):
+    """Counts inductor's "skipping cudagraphs due to ..." messages while it is attached: a
+    reduce-overhead figure taken without CUDA graphs would be a default-mode figure."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.reasons: list[str] = []
+        self.logger = None
+
+    def emit(self, record):
+        self.reasons.append(record.getMessage())
+
+    def __enter__(self):
+        try:
+            from torch._inductor import cudagraph_utils
+
+            self.logger = cudagraph_utils.cudagraphs_log
+            self.logger.addHandler(self)
+        except (ImportError, AttributeError):  # another torch: the counter still works
+            pass
+        self.before = _skip_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.logger is not None:
+            self.logger.removeHandler(self)
+        self.count = _skip_counter() - self.before
+
+
+def _skip_counter() -> int:
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return counters["inductor"]["cudagraph_skips"]
+
+
+def measure(setup: NetSetup, precision: str, kind: str, mode: str, device, timer,
+            settings: Settings) -> dict:
+    """One row: median step ms over settings.step_timing() steps, peak memory of one more.
+    `mode`: "eager", "compiled" or "reduce-overhead"."""
+    n = setup.batches[0]
+    with _GraphSkips() as skips:
+        step, model = _trainer(setup, precision, kind, mode, device)
+        t0 = time.perf_counter()
+        first_loss = step().detach().item()  # compiles when compiled; waits for the GPU
+        first_s = time.perf_counter() - t0
+        warmup, iters = settings.step_timing()  # warm-up steps also record the CUDA graphs
+        ms = timer(lambda: None, step, warmup, iters)
+        peak = None
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device)
+    out = dict(iabn_layers=_count_iabn(model), step_ms=ms, images_per_s=n / (ms * 1e-3),
+               peak_bytes=peak, first_step_s=first_s, first_loss=first_loss)
+    if mode == "reduce-overhead" and skips.count:
+        reason = skips.reasons[0] if skips.reasons else "see the log"
+        out["status"] = (f"no CUDA graphs (inductor skipped them {skips.count}x: {reason}); "
+                         "the time is not a reduce-overhead figure")[:300]
+    return out
 
 
 def step_rows(settings: Settings, device, timer=None, compiled: bool = False,
               progress=print, rows=None, on_row=lambda: None) -> list[dict]:
-    """Rows for every network x precision x kind, in one mode (eager or compiled), appended
-    to `rows` as they come (on_row() after each, e.g. to save progress). Under a deadline, a
-    kind that would not finish in the time left is reported as not run."""
+    """Rows for every network x precision x kind, in one pass (eager, or the compiled modes
+    on COMPILED_NETS), appended to `rows` as they come (on_row() after each, e.g. to save
+    progress). Under a deadline, a kind that would not finish in the time left is reported
+    as not run."""
     from .speed import CudaTimer, allow_recompiles
 
     timer = timer or CudaTimer(device)
     if compiled:
         allow_recompiles()
+    modes = list(COMPILE_MODES) if compiled else ["eager"]
+    setups = [s for s in settings.step_setups() if not compiled or s.net in COMPILED_NETS]
+    cuda = torch.device(device).type == "cuda"
     rows = [] if rows is None else rows
     # what one kind costs: a guess until the first is measured, then the largest seen
     per_kind, seen = GUESS_S[compiled] if settings.deadline is not None else 0.0, 0
     for precision in settings.step_precisions:
-        for setup in settings.step_setups():
-            for kind in kinds():
-                row = dict(net=setup.net, input=nets_input(setup), batch=setup.batches[0],
-                           precision=precision, mode="compiled" if compiled else "eager",
-                           kind=kind)
-                if settings.time_left() < per_kind:
-                    rows.append(dict(row, status="not run: time budget"))
+        for setup in setups:
+            for mode in modes:
+                for kind in kinds():
+                    row = dict(net=setup.net, input=nets_input(setup), batch=setup.batches[0],
+                               precision=precision, mode=mode, kind=kind)
+                    if mode == "reduce-overhead" and not cuda:
+                        rows.append(dict(row, status="not run: reduce-overhead replays CUDA "
+                                         "graphs; there is no CUDA device here"))
+                    elif settings.time_left() < per_kind:
+                        rows.append(dict(row, status="not run: time budget"))
+                    else:
+                        progress(f"  step {mode} {setup.net} {precision} {kind}")
+                        t0 = time.monotonic()
+                        rows.append(_row(row, setup, precision, kind, mode, device, timer,
+                                         settings))
+                        cost = time.monotonic() - t0
+                        per_kind, seen = (max(per_kind, cost) if seen else cost), seen + 1
                     on_row()
-                    continue
-                progress(f"  step {row['mode']} {setup.net} {precision} {kind}")
-                t0 = time.monotonic()
-                try:
-                    rows.append(dict(row, status="ok", **measure(
-                        setup, precision, kind, compiled, device, timer, settings)))
-                except torch.cuda.OutOfMemoryError:
-                    rows.append(dict(row, status="out of memory"))
-                except Exception as exc:  # that kind only; the others still run
-                    rows.append(dict(row, status=f"failed: {type(exc).__name__}: {exc}"
-                                     .splitlines()[0][:200]))
-                finally:
-                    gc.collect()
-                    if torch.device(device).type == "cuda":
-                        torch.cuda.empty_cache()
-                cost = time.monotonic() - t0
-                per_kind, seen = (max(per_kind, cost) if seen else cost), seen + 1
-                on_row()
     return rows
+
+
+def _row(row, setup, precision, kind, mode, device, timer, settings) -> dict:
+    try:
+        return dict(row, status="ok") | measure(setup, precision, kind, mode, device, timer,
+                                                settings)
+    except torch.cuda.OutOfMemoryError:
+        return dict(row, status="out of memory")
+    except Exception as exc:  # that kind only; the others still run
+        return dict(row, status=f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:200])
+    finally:
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def nets_input(setup: NetSetup) -> str:
     from .memory import _input_label
 
     return _input_label(setup)
+
+
+# ------------------------------------------------------------------------------------------
+# kernel profile (the float32 fused-residual step, issue 20 point 4a)
+# ------------------------------------------------------------------------------------------
+PROFILE_KINDS = ("iabn", "iabn_fused")
+PROFILE_PRECISION = "float32"
+
+
+def kernel_profile(settings: Settings, device, out: Path, steps: int = 3,
+                   progress=print) -> list[dict]:
+    """Device time per kernel name over `steps` eager float32 ResNet-50 training steps, for
+    iabn and iabn_fused, after two warm-up steps (kernel loads, allocator). Kernel names
+    carry the template arguments (dtype, vector width, layout), memcpy/memset rows the
+    copies: what the two kinds spend differently is what the rows differ in. Each kind's
+    trace (grids, blocks, the ops behind each kernel) goes to step_kernels_<kind>.json.gz.
+    On a CPU the same pass times CPU ops by self time instead (no kernels to see)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    setup = next(s for s in settings.step_setups() if s.net == "resnet50")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    rows = []
+    for kind in [k for k in PROFILE_KINDS if k in kinds()]:
+        base = dict(kind=kind, precision=PROFILE_PRECISION, batch=setup.batches[0],
+                    timing="CUDA kernels (device time)" if cuda else "CPU ops (self time)")
+        if settings.time_left() < GUESS_S[False]:
+            rows.append(dict(base, name="-", status="not run: time budget"))
+            continue
+        progress(f"  kernel profile {setup.net} {PROFILE_PRECISION} {kind}")
+        step, _model = _trainer(setup, PROFILE_PRECISION, kind, "eager", device)
+        for _ in range(2):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        with profile(activities=activities, record_shapes=True) as prof:
+            for _ in range(steps):
+                step()
+            if cuda:
+                torch.cuda.synchronize(device)
+        totals: dict = {}
+        for e in prof.events():
+            if e.device_type != (DeviceType.CUDA if cuda else DeviceType.CPU):
+                continue
+            us = e.time_range.elapsed_us() if cuda else e.self_cpu_time_total
+            calls, total = totals.get(e.name, (0, 0.0))
+            totals[e.name] = (calls + 1, total + us)
+        step_us = sum(t for _, t in totals.values()) / steps
+        for name, (calls, total) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
+            rows.append(dict(base, name=name, status="ok", calls_per_step=calls / steps,
+                             us_per_step=total / steps, share=total / steps / step_us))
+        _save_trace(prof, out / f"step_kernels_{kind}.json.gz")
+        del step, _model, prof
+        gc.collect()
+    return rows
+
+
+def _save_trace(prof, path: Path) -> None:
+    """The Chrome trace, gzipped (a few MB of JSON per step otherwise)."""
+    with tempfile.TemporaryDirectory() as d:
+        raw = Path(d) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+
+def kernel_report(rows: list[dict], device: str, top: int = 25) -> list[str]:
+    """Text: each kind's top `top` names by time per step, then the names whose time per
+    step differs most between iabn and iabn_fused."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    lines = [f"Kernel profile of one eager training step ({device}): ResNet-50, batch "
+             f"{rows[0]['batch'] if rows else '?'}, {PROFILE_PRECISION}, NCHW; "
+             f"{ok[0]['timing'] if ok else 'nothing measured'}; per step, averaged over the "
+             "profiled steps.", ""]
+    lines += [f"{r['kind']}: {r['status']}" for r in rows if r["status"] != "ok"]
+    by = {k: {r["name"]: r for r in ok if r["kind"] == k} for k in PROFILE_KINDS}
+    for kind, names in by.items():
+        if not names:
+            continue
+        total = sum(r["us_per_step"] for r in names.values())
+        lines += ["", f"== {kind}: {total / 1e3:.2f} ms per step in {len(names)} names",
+                  f"{'us/step':>10} {'calls':>6} {'share':>6}  name"]
+        for r in list(names.values())[:top]:
+            lines.append(f"{r['us_per_step']:10.1f} {r['calls_per_step']:6.1f} "
+                         f"{r['share']:6.1%}  {r['name'][:160]}")
+    a, b = by[PROFILE_KINDS[0]], by[PROFILE_KINDS[1]]
+    if a and b:
+        diff = sorted(set(a) | set(b), key=lambda n: -abs(
+            b.get(n, {}).get("us_per_step", 0) - a.get(n, {}).get("us_per_step", 0)))
+        lines += ["", f"== largest differences ({PROFILE_KINDS[1]} - {PROFILE_KINDS[0]}, "
+                  "us per step)", f"{'diff':>10} {PROFILE_KINDS[0]:>10} "
+                  f"{PROFILE_KINDS[1]:>10}  name"]
+        for n in diff[:top]:
+            x, y = (d.get(n, {}).get("us_per_step", 0.0) for d in (a, b))
+            lines.append(f"{y - x:+10.1f} {x:10.1f} {y:10.1f}  {n[:160]}")
+    return lines + [""]
+
+
+def write_kernels(out: Path, rows: list[dict], device: str) -> list[str]:
+    """step_kernels.csv and step_kernels.txt; the summary's lines."""
+    report.write_csv(out / "step_kernels.csv", rows)
+    text = kernel_report(rows, device)
+    (out / "step_kernels.txt").write_text("\n".join(text))
+    # the summary keeps the totals and the top of the differences; the text has the rest
+    cut = next((i for i, line in enumerate(text) if line.startswith("== largest")), len(text))
+    totals = [line for line in text[:cut] if line.startswith("==")]
+    return (["## Kernel profile: float32 ResNet-50 step, iabn vs iabn fused", "",
+             "Each kind's top names: `step_kernels.txt` (all names: `step_kernels.csv`, "
+             "traces: `step_kernels_<kind>.json.gz`).", "", "```"]
+            + text[:2] + totals + text[cut:cut + 12] + ["```", ""])
 
 
 # ------------------------------------------------------------------------------------------

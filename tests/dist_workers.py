@@ -1,5 +1,6 @@
 """Worker side of tests/test_distributed.py: scenarios run by every rank of a spawned
-torch.distributed group (gloo on CPU, or NCCL with one GPU per rank).
+torch.distributed group (gloo on CPU, NCCL with one GPU per rank, or gloo with every rank's
+tensors on one shared GPU).
 
 Each scenario returns a JSON-able result or raises; `worker` records one entry per scenario in
 out_dir/rank{r}.json after every scenario, so a hang or crash still leaves what ran before it.
@@ -114,7 +115,7 @@ def scenario_match(rank, world, sizes, device="cpu"):
                     raise AssertionError(f"{tag}: running stats differ between ranks")
                 if device == "cpu":
                     _core_case(tag, rank, sizes, sl, x, dz, w, b, rm, rv, training, act, param)
-    return {"cases": n_cases}
+    return {"cases": n_cases, "device": str(mine[0].device)}
 
 
 def _core_case(tag, rank, sizes, sl, x, dz, w, b, rm, rv, training, act, param):
@@ -281,15 +282,16 @@ SCENARIOS = {"match": scenario_match, "ddp": scenario_ddp, "errors": scenario_er
              "active_group": scenario_active_group}
 
 
-def worker(rank, world, init_file, out_dir, plan, backend="gloo"):
+def worker(rank, world, init_file, out_dir, plan, backend="gloo", device=None):
+    """`device`: where the scenarios put their tensors (default: cuda:<rank> under NCCL,
+    else the CPU); "cuda:0" with gloo puts every rank on the one GPU."""
     torch.set_num_threads(1)
     # Loopback only: gloo otherwise binds the interface the host name resolves to, which on
     # some CI machines is slow to connect or firewalled.
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    device = "cpu"
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-        device = f"cuda:{rank}"
+    device = device or (f"cuda:{rank}" if backend == "nccl" else "cpu")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     results = {}

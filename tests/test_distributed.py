@@ -1,6 +1,7 @@
-"""Synchronized InPlace-ABN across processes: torch.distributed (gloo on the CPU; NCCL and
-cupyx.distributed with >= 2 GPUs), plus the in-process communicator that runs the exact CUDA
-kernels (emulator) and the NumPy backend through the sync path.
+"""Synchronized InPlace-ABN across processes: torch.distributed (gloo on the CPU; gloo over
+CUDA tensors with two ranks on one GPU; NCCL and cupyx.distributed with >= 2 GPUs), plus
+the in-process communicator that runs the exact CUDA kernels (emulator) and the NumPy
+backend through the sync path.
 
 Multi-process tests spawn one group per world size (module-scoped fixtures) and run several
 scenarios in it (tests/dist_workers.py); each test asserts on its scenario's per-rank result.
@@ -25,16 +26,17 @@ import iabn.cupy as iabn_arrays
 WAIT_S = 150
 
 
-def _run_group(tmp_dir, world, plan, backend="gloo"):
+def _run_group(tmp_dir, world, plan, backend="gloo", device=None, wait_s=WAIT_S):
     """Spawn `world` ranks running `plan` [(scenario, sizes)]; per-rank result dicts."""
     import torch.multiprocessing as mp
 
     import dist_workers
 
     init = os.path.join(tmp_dir, "rendezvous")
-    ctx = mp.start_processes(dist_workers.worker, args=(world, init, tmp_dir, plan, backend),
+    ctx = mp.start_processes(dist_workers.worker, args=(world, init, tmp_dir, plan, backend,
+                                                        device),
                              nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + WAIT_S
+    deadline = time.monotonic() + wait_s
     crash = None
     try:
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
@@ -52,7 +54,7 @@ def _run_group(tmp_dir, world, plan, backend="gloo"):
         with open(path) if os.path.exists(path) else open(os.devnull) as f:
             text = f.read()
         results.append(json.loads(text) if text else {})
-    problem = crash or (f"{len(alive)} rank(s) killed after {WAIT_S} s" if alive else None)
+    problem = crash or (f"{len(alive)} rank(s) killed after {wait_s} s" if alive else None)
     return results, problem
 
 
@@ -98,7 +100,7 @@ def gloo3(tmp_path_factory):
 @pytest.mark.parametrize("world", [2, 3])
 def test_gloo_matches_single_process(world, request):
     values = _scenario(request.getfixturevalue(f"gloo{world}"), "match")
-    assert all(v["cases"] == 12 for v in values)
+    assert all(v["cases"] == 12 and v["device"] == "cpu" for v in values)
 
 
 def test_ddp_matches_single_process(gloo2):
@@ -257,6 +259,22 @@ def _gpu_count() -> int:
 
 needs_2_gpus = pytest.mark.skipif(_gpu_count() < 2, reason="needs >= 2 CUDA GPUs (NCCL); "
                                   "the sync path is verified here with gloo and in-process ranks")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="no CUDA GPU on this machine")
+def test_gloo_on_one_gpu_matches_single_process(tmp_path):
+    """Two ranks share the one GPU (NCCL refuses two ranks on a device; gloo carries CUDA
+    tensors through the host): InPlaceABNSync's forward, backward and running statistics on
+    each rank's slice equal one process's over the concatenated batch, in every layout,
+    activation and mode of scenario_match. The wait stays under the GPU suite's pytest
+    limit: gloo's own timeout (60 s) ends a hung collective first."""
+    results = _run_group(str(tmp_path), 2, [("match", [3, 5]), ("errors", None)], "gloo",
+                         device="cuda:0", wait_s=90)
+    values = _scenario(results, "match")
+    assert [v["device"] for v in values] == ["cuda:0", "cuda:0"]
+    assert all(v["cases"] == 12 for v in values)
+    _scenario(results, "errors")
 
 
 @pytest.mark.gpu

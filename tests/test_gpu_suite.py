@@ -54,11 +54,22 @@ def test_suite_plan_caps_never_fall_below_minimums(budget):
     from benchmarks.gpu_suite import STEP_NAMES, plan
 
     steps = plan(budget)
-    assert [s.name for s in steps] == list(STEP_NAMES) and steps[-1].max_s is None
-    assert all(s.max_s >= s.min_s for s in steps[:-1])
+    assert [s.name for s in steps] == list(STEP_NAMES)
+    assert [(s.name, s.optional) for s in steps if s.max_s is None] == [("bench", False),
+                                                                        ("ncu", True)]
+    capped = steps[:-2]
+    assert all(s.max_s >= s.min_s for s in capped)
     if budget == 480:  # the documented shares
-        assert [round(s.max_s) for s in steps[:-1]] == [58, 120, 72, 120]
+        assert [round(s.max_s) for s in capped] == [58, 120, 72, 120]
     assert [s.name for s in plan(budget, ["bench"])] == ["env", "bench"]
+
+
+def test_an_optional_step_takes_no_time_from_the_steps_before_it():
+    steps = [Step("a", "a", 10, None, None), Step("b", "b", 20, None, None),
+             Step("opt", "opt", 60, None, None, optional=True)]
+    assert allotment(steps, 0, 100) == 80  # b's minimum is kept, the optional one's is not
+    assert allotment(steps, 1, 90) == 90
+    assert allotment(steps, 2, 30) == 30 < steps[2].min_s  # what is left: not started
 
 
 def test_a_step_that_would_not_fit_is_skipped_not_started(ctx):
@@ -448,9 +459,21 @@ def test_bench_step_runs_the_parts_asked_for(ctx, monkeypatch):
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(ctx, "run", run)
-    ctx.bench_parts = ["overhead", "speed"]
+    ctx.bench_parts = ["compile", "speed", "overhead"]
     with pytest.raises(RuntimeError):
         gpu_suite.bench_step(ctx, 100.0)
     argv = seen[0]
-    assert argv[argv.index("--parts") + 1] == "speed,overhead"  # the suite's order
+    assert argv[argv.index("--parts") + 1] == "overhead,speed,compile"  # the suite's order
     assert gpu_suite.parse(["--parts", "speed"]).parts == ["speed"]
+
+
+def test_bench_parts_run_by_importance():
+    """Host time, the eager whole step, per-layer speed and memory come before any compiled
+    figure, the compiled step before the compiled layers, NVRTC times and the kernel
+    profile last: a run cut at its budget has the most important figures."""
+    from benchmarks import gpu_suite
+    from benchmarks.__main__ import COMPILED_PARTS, PARTS
+
+    assert gpu_suite.BENCH_PARTS == ("overhead", "step", "speed", "memory", "step_compiled",
+                                     "speed_compiled", "compile", "step_kernels")
+    assert set(gpu_suite.BENCH_PARTS) <= set(PARTS) and set(COMPILED_PARTS) <= set(PARTS)

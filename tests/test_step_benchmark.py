@@ -4,6 +4,8 @@ variant's feature detection, and budgeted parts leaving out work instead of over
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import json
 import time
 
 import pytest
@@ -221,3 +223,160 @@ def test_compiled_passes_run_last_and_report(monkeypatch):
     compiled_passes(run, gpu=True)
     assert list(run.status) == ["step (torch.compile)"] and run.pending == []
     assert compiled_passes(Run(cases.Settings(compile=False)), gpu=True) is None
+
+
+# ------------------------------------------------------------------------------------------
+# the compiled pass (default and reduce-overhead) and the kernel profile, on the CPU
+# ------------------------------------------------------------------------------------------
+def _eager_compile(monkeypatch):
+    """torch.compile with the eager backend (compiling ResNet-50 with inductor on 2 cores
+    takes minutes); the keyword arguments each call got are recorded."""
+    calls = []
+    real = torch.compile
+
+    def compile_(model, **kw):
+        calls.append(kw)
+        return real(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    return calls
+
+
+def test_compiled_pass_modes_on_cpu(monkeypatch):
+    """ResNet-50 only, every precision x mode x kind; torch.compile called with the mode's
+    arguments; reduce-overhead is reported as not run on a CPU, with its reason, and never
+    carries a figure."""
+    from benchmarks import cases, speed, step
+
+    calls = _eager_compile(monkeypatch)
+    settings = cases.Settings(tiny=True)
+    rows = step.step_rows(settings, "cpu", timer=speed.WallTimer(), compiled=True,
+                          progress=lambda s: None)
+    kinds = step.kinds()
+    assert [(r["net"], r["precision"], r["mode"], r["kind"]) for r in rows] == [
+        ("resnet50", p, m, k) for p in settings.step_precisions
+        for m in ("compiled", "reduce-overhead") for k in kinds]
+    for r in rows:
+        if r["mode"] == "compiled":
+            assert r["status"] == "ok" and r["step_ms"] > 0, r
+        else:
+            assert r["status"].startswith("not run: reduce-overhead replays CUDA graphs")
+            assert "step_ms" not in r
+    assert calls == [{}] * (len(kinds) * len(settings.step_precisions))
+    md = "\n".join(step.section(rows))
+    assert "| reduce-overhead |" in md and "resnet50 float32 reduce-overhead iabn: not run" in md
+
+
+def test_reduce_overhead_without_cuda_graphs_is_not_reported_as_such(monkeypatch):
+    """If inductor skips the CUDA graphs, the row keeps its time for the record but its
+    status says it is not a reduce-overhead figure (so the summary table leaves it out)."""
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+
+    from benchmarks import cases, speed, step
+
+    calls = _eager_compile(monkeypatch)
+    real_loss = step.nets.loss_of
+
+    def loss_of(model, x, y):  # what inductor does when it cannot record a graph
+        log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs")
+        return real_loss(model, x, y)
+
+    monkeypatch.setattr(step.nets, "loss_of", loss_of)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+    settings = cases.Settings(tiny=True)
+    setup = settings.step_setups()[0]
+    got = step.measure(setup, "float32", "iabn", "reduce-overhead", "cpu", speed.WallTimer(),
+                       settings)
+    assert calls == [{"mode": "reduce-overhead"}]
+    assert got["status"].startswith("no CUDA graphs (inductor skipped them")
+    assert "mutated inputs" in got["status"] and got["step_ms"] > 0
+    got = step.measure(setup, "float32", "iabn", "compiled", "cpu", speed.WallTimer(), settings)
+    assert "status" not in got  # the default mode has no graphs to miss
+
+
+def test_kernel_profile_on_cpu(tmp_path):
+    """The profiler pass behind the fused-residual anomaly: rows per kind (CPU ops by self
+    time here, CUDA kernels on a GPU), the text report with the differences, the traces."""
+    from benchmarks import cases, step
+
+    settings = cases.Settings(tiny=True)
+    rows = step.kernel_profile(settings, "cpu", tmp_path, steps=2, progress=lambda s: None)
+    kinds = [k for k in step.PROFILE_KINDS if k in step.kinds()]
+    assert kinds[0] == "iabn" and {r["kind"] for r in rows} == set(kinds)
+    for kind in kinds:
+        mine = [r for r in rows if r["kind"] == kind]
+        assert mine and all(r["status"] == "ok" and r["timing"] == "CPU ops (self time)"
+                            for r in mine)
+        assert sum(r["share"] for r in mine) == pytest.approx(1.0)
+        times = [r["us_per_step"] for r in mine]
+        assert times == sorted(times, reverse=True) and times[0] > 0
+        assert any("convolution" in r["name"] for r in mine)
+        with gzip.open(tmp_path / f"step_kernels_{kind}.json.gz") as f:
+            assert json.load(f)["traceEvents"]
+    md = step.write_kernels(tmp_path, rows, "cpu-test")
+    text = (tmp_path / "step_kernels.txt").read_text()
+    assert "== iabn:" in text and len((tmp_path / "step_kernels.csv").read_text().splitlines()
+                                      ) == len(rows) + 1
+    if len(kinds) == 2:
+        assert "== largest differences (iabn_fused - iabn, us per step)" in text
+    assert md[0].startswith("## Kernel profile") and "== iabn:" in "\n".join(md)
+
+
+def test_kernel_profile_leaves_out_what_the_deadline_does_not_allow(tmp_path, monkeypatch):
+    from benchmarks import cases, step
+
+    monkeypatch.setattr(step, "_trainer", lambda *a: pytest.fail("built past the deadline"))
+    late = cases.Settings(tiny=True, deadline=time.monotonic() - 1)
+    rows = step.kernel_profile(late, "cpu", tmp_path, progress=lambda s: None)
+    assert rows and all(r["status"] == "not run: time budget" for r in rows)
+    assert "iabn: not run: time budget" in "\n".join(step.kernel_report(rows, "cpu"))
+
+
+def test_a_placed_compiled_pass_runs_there_and_only_once(monkeypatch):
+    """--parts step_compiled runs the compiled step pass at its place (before the parts
+    after it); the pass after every part then leaves it alone and runs only the rest."""
+    from benchmarks import cases, speed, step
+    from benchmarks.__main__ import Run, compiled_passes
+
+    order = []
+    monkeypatch.setattr(speed, "add_compiled", lambda *a, **k: order.append("speed") or 1)
+
+    def step_rows(settings, device, compiled=False, progress=print, rows=None,
+                  on_row=lambda: None):
+        order.append("step")
+        rows.append(dict(status="ok"))
+        return rows
+
+    monkeypatch.setattr(step, "step_rows", step_rows)
+    parts = ["speed (torch.compile)", "step (torch.compile)"]
+    run = Run(cases.Settings(), budget=600, parts=parts)
+    run.data.update(speed=([dict(label="s0")], 1.0))  # no eager step rows: not needed
+    compiled_passes(run, gpu=True, only="step")
+    assert order == ["step"] and list(run.status) == ["step (torch.compile)"]
+    compiled_passes(run, gpu=True)
+    assert order == ["step", "speed"] and run.status["speed (torch.compile)"] == "ran: 1 of 1 shapes"
+    run = Run(cases.Settings(), budget=600, parts=parts)
+    compiled_passes(run, gpu=True, only="speed")  # nothing to add the baseline to
+    assert run.status == {"speed (torch.compile)": "not run: the speed part did not run: no "
+                          "rows to add a baseline to"}
+    run = Run(cases.Settings(compile=False))
+    compiled_passes(run, gpu=True, only="step")
+    assert run.status == {"step (torch.compile)": "not run: --no-compile"}
+
+
+def test_parts_run_in_the_order_given(tmp_path):
+    """`python -m benchmarks --parts` keeps the order it is given (the GPU suite's order of
+    importance), placed compiled passes included; without a GPU each says why it did not
+    run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--cpu-only", "--tiny",
+                           "--parts", "step_kernels,step_compiled,step,speed_compiled",
+                           "--out", str(tmp_path)], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status = json.loads((tmp_path / "environment.json").read_text())["status"]
+    assert list(status.items()) == [(p, "not run: --cpu-only") for p in (
+        "step_kernels", "step (torch.compile)", "step", "speed (torch.compile)")]
