@@ -2,15 +2,12 @@
 last BN of a block) are listed in one warning, and nothing else is (issue 23, item 12)."""
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
 
-import iabn.torch as it
 import torchvision_like as tv
-from iabn.torch import IABNConversionWarning
+from test_convert_timm import convert
 from iabn.torch_convert_precision import SMALL_SCALE
 
 SLOPE = 0.01
@@ -18,13 +15,6 @@ SLOPE = 0.01
 
 def leaky():
     return nn.LeakyReLU(SLOPE, inplace=True)
-
-
-def convert(model, **kw):
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always", IABNConversionWarning)
-        out = it.convert_model(model, **kw)
-    return out, [str(w.message) for w in rec if issubclass(w.category, IABNConversionWarning)]
 
 
 def precision_lines(msgs):
