@@ -107,6 +107,18 @@ def check(impls: dict, case: BNCase, inp: dict, details: dict | None = None) -> 
             note += f"; changed inputs: {','.join(changed)}"
         if details is not None:
             details[name] = note
+    if "eager" in errs and not passed(errs["eager"], case.dtype):
+        # Evidence for the next reader: torch eager disagreeing with the float64 reference
+        # (which runs torch's native kernels: cuDNN has no float64 BN). The same eager
+        # function with cuDNN disabled says whether cuDNN's kernel is the one that differs.
+        with torch.backends.cudnn.flags(enabled=False):
+            got = _run_once(eager_bn_act, inp["x"], inp["dy"], w_eff, inp["b"])
+        each = [float((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-30))
+                for g, r in zip(got, ref)]
+        errs["eager_nocudnn"] = max(each)
+        if details is not None:
+            details["eager_nocudnn"] = "diagnostic, eager with cuDNN disabled: " + " ".join(
+                f"{o} {e:.2e}" for o, e in zip(("y", "dx", "dw", "db"), each))
     return errs
 
 
@@ -201,7 +213,8 @@ def case_rows(case: BNCase, impls: dict, device, timer, settings: Settings, pass
     ok = {name: passed(err, case.dtype) for name, err in errs.items()}
     # per-output errors of whatever failed, or changed an input, so a failure says where
     detail = " | ".join(f"{name}: {details[name]}" for name in errs
-                        if not ok[name] or "changed" in details.get(name, ""))
+                        if not ok[name] or "changed" in details.get(name, "")
+                        or "diagnostic" in details.get(name, ""))
     rows = []
     for mode in MODES:
         row = dict(base, mode=mode, check_detail=detail)

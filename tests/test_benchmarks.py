@@ -195,6 +195,29 @@ def test_an_implementation_writing_an_input_is_named_and_cannot_fail_the_others(
     assert details["eager"].startswith("y ") and " dx " in details["eager"]
 
 
+def test_a_failing_eager_baseline_is_rechecked_without_cudnn():
+    """When torch eager disagrees with the float64 reference, check() reruns the real eager
+    function with cuDNN disabled and reports it (the H200 runs saw eager dx off by 0.18 and
+    0.37 on two shapes; this says on the next run whether cuDNN's kernel is the cause)."""
+    import torch
+
+    from benchmarks import cases, speed
+
+    def off_by_a_bit(x, w, b, rm, rv):  # a stand-in for a baseline whose dx is wrong
+        return speed.eager_bn_act(x, w * 1.01, b, rm, rv)
+
+    case = cases.BNCase("test", 4, 3, 5, 5)
+    inp = cases.bn_inputs(case, torch.device("cpu"), 0)
+    details = {}
+    errs = speed.check({"iabn": speed.iabn_bn_act, "eager": off_by_a_bit}, case, inp, details)
+    assert not speed.passed(errs["eager"], "float32")
+    assert speed.passed(errs["eager_nocudnn"], "float32"), details
+    assert details["eager_nocudnn"].startswith("diagnostic, eager with cuDNN disabled")
+    good = {}
+    speed.check({"iabn": speed.iabn_bn_act, "eager": speed.eager_bn_act}, case, inp, good)
+    assert "eager_nocudnn" not in good
+
+
 def test_max_batch_search(monkeypatch):
     """Doubling then bisection against a budget, on a stand-in for the GPU measurement."""
     from benchmarks import cases, memory
