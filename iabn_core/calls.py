@@ -25,7 +25,8 @@ class ForwardCall:
     num_batches_tracked (0: absent; the counter is an int64 the forward kernel increments)."""
 
     __slots__ = ("be", "prob", "training", "has_residual", "xsize", "psize", "acc_size",
-                 "present", "spans", "vector", "ws_elems", "stats_bytes", "_progs")
+                 "present", "spans", "vector", "ws_elems", "stats_bytes", "_progs",
+                 "_param_ext")
 
     def __init__(self, sig: Signature, be: KernelBackend, training: bool, has_residual: bool,
                  present: tuple):
@@ -40,6 +41,28 @@ class ForwardCall:
         self.ws_elems = None  # set with the first program (every class has the same size)
         self.stats_bytes = STATS_ROWS * self.prob.c * self.acc_size  # the workspace's head
         self._progs: dict[int, Program] = {}
+        # parameter pointers (w, b, running stats, counter) -> their extents, once checked:
+        # a layer's parameters are the same buffers call after call, and layers that share
+        # a signature each keep their entry
+        self._param_ext: dict[tuple, tuple] = {}
+
+    def _check_params(self, ptrs):
+        """Alignment of the parameters (and the batch counter) and their pairwise
+        disjointness; returns their extents, or None when a check fails."""
+        _, w, b, m, v, _, n = ptrs
+        ps = self.psize
+        if w % ps or b % ps or m % ps or v % ps or n % 8:
+            return None
+        ext = sorted((ptrs[i] + plo, ptrs[i] + phi)
+                     for i, (plo, phi) in zip(self.present, self.spans[1:]))
+        for (_, end), (start, _) in zip(ext, ext[1:]):
+            if start < end:
+                return None
+        if len(self._param_ext) >= 256:  # freed and reallocated parameters: start over
+            self._param_ext.clear()
+        ext = tuple(ext)
+        self._param_ext[(w, b, m, v, n)] = ext
+        return ext
 
     def max_ws_elems(self) -> int:
         """The largest workspace (accumulator elements) any alignment class needs."""
@@ -49,24 +72,22 @@ class ForwardCall:
     def program(self, ptrs: tuple):
         """The program for these pointers, or None when a buffer check fails."""
         x, w, b, m, v, r, n = ptrs
-        xs, ps = self.xsize, self.psize
-        if x % xs or r % xs or w % ps or b % ps or m % ps or v % ps or n % 8:
+        xs = self.xsize
+        if x % xs or r % xs:
             return None
-        spans = self.spans
-        lo, hi = spans[0]
-        ext = [(x + lo, x + hi)]
-        for i, (plo, phi) in zip(self.present, spans[1:]):
-            p = ptrs[i]
-            ext.append((p + plo, p + phi))
-        ext.sort()
-        prev = ext[0][1]
-        for start, end in ext[1:]:  # sorted by start: disjoint when none reaches the next
-            if start < prev:
+        param_ext = self._param_ext.get((w, b, m, v, n))
+        if param_ext is None:  # parameter buffers not seen yet: their own checks, once
+            param_ext = self._check_params(ptrs)
+            if param_ext is None:
                 return None
-            prev = end
+        lo, hi = self.spans[0]
+        x0, x1 = x + lo, x + hi
+        for p0, p1 in param_ext:  # x is written: it overlaps no parameter
+            if p0 < x1 and x0 < p1:
+                return None
         if r:  # read only: it must not share memory with what the call writes
             r0, r1 = r + lo, r + hi
-            if r0 < x + hi and x + lo < r1:
+            if r0 < x1 and x0 < r1:
                 return None
             if self.training:
                 for p in (m, v):

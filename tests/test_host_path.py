@@ -179,6 +179,14 @@ def test_rejected_fast_calls_write_nothing(monkeypatch):
         m(inf)
     with pytest.raises(IABNError, match="momentum"):
         torch_ops.inplace_abn(bad, m.weight, m.bias, m.running_mean, m.running_var, True, 2.0)
+    with torch.no_grad():  # checked parameters cached, then a weight inside x: refused
+        for _ in range(2):
+            torch_ops.inplace_abn(bad, m.weight.detach(), m.bias.detach(), None, None, True)
+        xb = bad.clone()
+        snap = xb.clone()
+        with pytest.raises(IABNError, match="shares memory"):
+            torch_ops.inplace_abn(xb, xb.view(-1)[8:16], m.bias.detach(), None, None, True)
+        torch.testing.assert_close(xb, snap, rtol=0, atol=0)
     for t, t0 in zip((m.running_mean, m.running_var, m.num_batches_tracked), before):
         torch.testing.assert_close(t, t0, rtol=0, atol=0)
 
