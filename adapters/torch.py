@@ -15,8 +15,9 @@ from .torch_compat import register_inplace_abn
 from .torch_checkpoint import batchnorm_state_dict, load_batchnorm_state_dict
 from .torch_convert import convert_model
 from .torch_group import active_group, set_active_group
+from .torch_layer_convert import from_batchnorm, to_sync
 from .torch_modules import (ABN, IN_PLACE_MODULES, IABNConversionWarning, InPlaceABN,
-                            InPlaceABNSync, from_batchnorm, to_sync)
+                            InPlaceABNSync)
 from .torch_ops import IABNError, SyncFallbackWarning, inplace_abn, inplace_abn_sync
 from .torch_revert import BatchNormAct, SyncBatchNormAct, revert_model, to_batchnorm
 

@@ -33,8 +33,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .torch_fx_nodes import (_Act, _Tracer, _act_of_module, _act_of_node, _describe, _fresh,
                              _is_add_of, _modifies_in_place, _pass_through, _past_identities,
-                             drop_rate)
-from .torch_modules import (IABNConversionWarning, IN_PLACE_MODULES, from_batchnorm, to_sync)
+                             _set_module, drop_rate)
+from .torch_layer_convert import from_batchnorm, to_sync
+from .torch_modules import IABNConversionWarning, IN_PLACE_MODULES
 from .torch_checkpoint import scale_change
 from .torch_convert_precision import fused_precision_warning
 
@@ -237,12 +238,6 @@ def _module_only(plan: _Plan, st: _State) -> bool:
     if plan.act_node is None:
         return True  # a norm+act module, or a residual's BN: the module swap is all
     return plan.act_node.op == "call_module" and st.calls[plan.act_node.target] == 1
-
-
-def _set_module(root: nn.Module, path: str, m: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    owner = root.get_submodule(parent) if parent else root
-    owner._modules[name] = m
 
 
 def _swap(root: nn.Module, plan: _Plan, st: _State) -> None:

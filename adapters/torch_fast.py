@@ -45,7 +45,6 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _forward_ad = torch.autograd.forward_ad
 _inference_mode = torch.is_inference_mode_enabled
 _increment_version = torch._C._increment_version
-_empty = torch.empty
 _empty_like = torch.empty_like
 if torch.cuda.is_available():  # pragma: no cover - GPU machines
     _raw_stream = torch._C._cuda_getCurrentRawStream
@@ -96,26 +95,23 @@ class Entry:
     facts. `ws_elems`: the forward workspace, sized for the forward's own use and for the
     backward's scratch behind the stats (`stats_bytes`), whatever the alignment classes."""
 
-    __slots__ = ("fwd", "bwd", "device", "index", "acc", "param", "cfg", "c", "ws_elems",
-                 "stats_bytes", "proto", "param_bytes")
+    __slots__ = ("fwd", "bwd", "index", "acc", "cfg", "c", "ws_elems", "stats_bytes", "proto",
+                 "param_bytes")
 
     def __init__(self, sig, backend, x, training, eps, activation, activation_param,
                  has_residual, params):
         present = tuple(i + 1 for i, p in enumerate(params) if p is not None)
-        self.fwd = ForwardCall(sig, backend, training, has_residual, present)
-        self.bwd = BackwardCall(self.fwd)
-        self.device = x.device
+        fwd = self.fwd = ForwardCall(sig, backend, training, has_residual, present)
+        self.bwd = BackwardCall(fwd)
         self.index = x.get_device()
-        prob = sig.prob
-        self.acc = TORCH_DTYPES[prob.acc_dtype]
-        self.param = TORCH_DTYPES[prob.param_dtype]
-        self.c = prob.c
-        self.param_bytes = prob.c * torch.empty(0, dtype=self.param).element_size()
+        self.acc = TORCH_DTYPES[sig.prob.acc_dtype]
+        self.c = sig.prob.c
+        self.param_bytes = self.c * fwd.psize
         self.cfg = (training, eps, activation, activation_param)
-        self.proto = torch.empty(0, dtype=self.acc, device=self.device)  # for new_empty
-        self.stats_bytes, self.ws_elems = self.fwd.stats_bytes, self.fwd.max_ws_elems()
-        self.ws_elems = max(self.ws_elems, (self.stats_bytes // self.fwd.acc_size)
-                            + self.bwd.max_ws_elems())
+        self.proto = torch.empty(0, dtype=self.acc, device=x.device)  # for new_empty
+        self.stats_bytes = fwd.stats_bytes
+        self.ws_elems = max(fwd.max_ws_elems(),
+                            fwd.stats_bytes // fwd.acc_size + self.bwd.max_ws_elems())
 
 
 def remember(sig, backend) -> None:
@@ -124,8 +120,9 @@ def remember(sig, backend) -> None:
 
 
 def register(k, x, weight, bias, running_mean, running_var, residual, training, eps,
-             activation, activation_param) -> None:
-    """After a general-path call of key `k` succeeded: make its entry."""
+             activation, activation_param, table=None) -> None:
+    """After a general-path call of key `k` succeeded (the forward's; the backward op's with
+    `table=_bwd_entries`, x being z): make its entry from what `remember` kept."""
     last = getattr(_pending, "last", None)
     _pending.last = None
     if last is None or k is None:
@@ -136,10 +133,11 @@ def register(k, x, weight, bias, running_mean, running_var, residual, training, 
     index = x.get_device()
     if index >= 0 and _current_device() != index:
         return  # programs are recorded for the current device (admit checks it too)
-    if len(_entries) >= MAX_ENTRIES:
-        _entries.clear()
-    _entries[k] = Entry(sig, backend, x, training, eps, activation, activation_param,
-                        residual is not None, (weight, bias, running_mean, running_var))
+    table = _entries if table is None else table
+    if len(table) >= MAX_ENTRIES:
+        table.clear()
+    table[k] = Entry(sig, backend, x, training, eps, activation, activation_param,
+                     residual is not None, (weight, bias, running_mean, running_var))
 
 
 def clear() -> None:
@@ -242,14 +240,20 @@ class FastInPlaceABN(torch.autograd.Function):
                 dr if needs[3] else None, None)
 
 
+def _run(entry, prog, ptrs, ws: int, momentum: float) -> None:
+    """A program on torch's current stream of the entry's device (the custom ops' bodies and
+    an off-device backward; the eager forward and backward write it out inline)."""
+    index = entry.index
+    prog.run(ptrs, ws, momentum, 0 if index < 0 else _raw_stream(index))
+
+
 def _backward_program(entry, ptrs, inplace):
     """Runs the backward program (None when a buffer check fails): backward's scratch
     (partials, sums) is the forward workspace behind the stats, whose partials are dead by
     now and which Entry sized for both (no allocation)."""
     prog = entry.bwd.program(ptrs, inplace)
     if prog is not None:
-        index = entry.index
-        prog.run(ptrs, ptrs[3] + entry.stats_bytes, 0.0, 0 if index < 0 else _raw_stream(index))
+        _run(entry, prog, ptrs, ptrs[3] + entry.stats_bytes, 0.0)
     return prog
 
 
@@ -317,8 +321,7 @@ def op_forward(x, weight, bias, running_mean, running_var, residual, training, m
     if prog is None:
         return None
     ws = entry.proto.new_empty(entry.ws_elems)
-    index = entry.index
-    prog.run(ptrs, ws.data_ptr(), momentum, 0 if index < 0 else _raw_stream(index))
+    _run(entry, prog, ptrs, ws.data_ptr(), momentum)
     return ws[:4 * entry.c].view(4, entry.c)
 
 
@@ -354,36 +357,21 @@ def op_backward(z, dz, dx, stats, weight, bias, residual, dresidual, training, e
     small = tuple((p, p + n) for p, n in ((ptrs[3], entry.stats_bytes),
                                           (ptrs[4], entry.param_bytes),
                                           (ptrs[5], entry.param_bytes)) if p)
-    written = (0 if inplace else dxp, ptrs[7])
-    read = (zp, dzp, ptrs[6])
-    if inplace and not disjoint_writes(entry.fwd.spans[0], (dxp,), (zp, ptrs[6]), small):
-        return None
-    if not disjoint_writes(entry.fwd.spans[0], written, read, small):
+    # dx and dresidual are written; dx may be dz itself (in place), else it must not touch it
+    read = (zp, ptrs[6]) if inplace else (zp, dzp, ptrs[6])
+    if not disjoint_writes(entry.fwd.spans[0], (dxp, ptrs[7]), read, small):
         return None
     prog = entry.bwd.program(ptrs, inplace)
     if prog is None:
         return None
-    scratch = entry.proto.new_empty(entry.ws_elems)
-    index = entry.index
-    prog.run(ptrs, scratch.data_ptr(), 0.0, 0 if index < 0 else _raw_stream(index))
+    scratch = entry.proto.new_empty(entry.ws_elems)  # held until the launches are queued
+    _run(entry, prog, ptrs, scratch.data_ptr(), 0.0)
     return dw, db
 
 
 def register_backward(z, weight, bias, residual, training, eps, activation,
                       activation_param) -> None:
     """After the backward op's general path succeeded: make its signature's entry."""
-    last = getattr(_pending, "last", None)
-    _pending.last = None
-    k = key(z, weight, bias, None, None, residual, training, eps, activation, activation_param)
-    if last is None or k is None:
-        return
-    sig, backend = last
-    if not sig.prob.count or getattr(backend, "program", None) is None:
-        return
-    index = z.get_device()
-    if index >= 0 and _current_device() != index:
-        return
-    if len(_bwd_entries) >= MAX_ENTRIES:
-        _bwd_entries.clear()
-    _bwd_entries[k] = Entry(sig, backend, z, training, eps, activation, activation_param,
-                            residual is not None, (weight, bias, None, None))
+    register(key(z, weight, bias, None, None, residual, training, eps, activation,
+                 activation_param), z, weight, bias, None, None, residual, training, eps,
+             activation, activation_param, _bwd_entries)

@@ -186,3 +186,10 @@ def _is_add_of(node: fx.Node, x: fx.Node) -> Optional[fx.Node]:
     if isinstance(other, fx.Node) and other is not x and other.op != "get_attr":
         return other
     return None
+
+
+def _set_module(root: nn.Module, path: str, m: nn.Module) -> None:
+    """Put `m` at `path` in place of what is there (through _modules: no __setattr__ rules,
+    the same slot in the parent's order)."""
+    parent, _, name = path.rpartition(".")
+    (root.get_submodule(parent) if parent else root)._modules[name] = m

@@ -29,8 +29,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from iabn_core.validate import IABNError
 
-from .torch_modules import ABN, IN_PLACE_MODULES, InPlaceABN, InPlaceABNSync, _first_tensor
-from .torch_modules import to_batchnorm as _layer_to_batchnorm
+from .torch_fx_nodes import _set_module
+from .torch_layer_convert import _first_tensor
+from .torch_layer_convert import to_batchnorm as _layer_to_batchnorm
+from .torch_modules import ABN, InPlaceABNSync
 
 __all__ = ["revert_model", "to_batchnorm", "BatchNormAct", "SyncBatchNormAct"]
 
@@ -164,11 +166,6 @@ def _plain_bn(m: ABN, sync: bool) -> _BatchNorm:
     if isinstance(bn, nn.SyncBatchNorm):
         bn.process_group = getattr(m, "group", None)
     return _copy_state(m, _no_bias(m, bn))
-
-
-def _set_module(root: nn.Module, path: str, m: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    (root.get_submodule(parent) if parent else root)._modules[name] = m
 
 
 def _revert_graph(gm: fx.GraphModule, sync: bool) -> fx.GraphModule:

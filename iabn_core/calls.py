@@ -11,7 +11,8 @@ whose validation raises the error that names the argument. Nothing here allocate
 from __future__ import annotations
 
 from .backends.base import STATS_ROWS
-from .backends.kernel_backend import ALIGN_INPUTS, KernelBackend
+from .backends.kernel_backend import KernelBackend
+from .backends.recording import ALIGN_INPUTS
 from .dtypes import numpy_dtype
 from .instantiations import VECTOR_BYTES
 from .program import Program
@@ -25,7 +26,7 @@ class ForwardCall:
     num_batches_tracked (0: absent; the counter is an int64 the forward kernel increments)."""
 
     __slots__ = ("be", "prob", "training", "has_residual", "xsize", "psize", "acc_size",
-                 "present", "spans", "vector", "ws_elems", "stats_bytes", "_progs",
+                 "present", "spans", "vector", "stats_bytes", "_progs",
                  "_param_ext")
 
     def __init__(self, sig: Signature, be: KernelBackend, training: bool, has_residual: bool,
@@ -37,8 +38,7 @@ class ForwardCall:
         self.acc_size = numpy_dtype(self.prob.acc_dtype).itemsize
         self.spans = sig.spans  # x's, then each present parameter's (start, end) offsets
         self.present = present  # indices (1-4, into the pointers) of the parameters given
-        self.vector = be.align_mask(self.prob, VECTOR_BYTES, VECTOR_BYTES) != 0
-        self.ws_elems = None  # set with the first program (every class has the same size)
+        self.vector = be._widest(self.prob) > 1  # else one program serves every alignment
         self.stats_bytes = STATS_ROWS * self.prob.c * self.acc_size  # the workspace's head
         self._progs: dict[int, Program] = {}
         # parameter pointers (w, b, running stats, counter) -> their extents, once checked:
@@ -100,7 +100,6 @@ class ForwardCall:
         if prog is None:
             prog = self._progs[mask] = self.be.program(self.prob, "forward", self.training,
                                                        self.has_residual, mask)
-            self.ws_elems = prog.ws_bytes // self.acc_size
         return prog
 
 
@@ -109,14 +108,13 @@ class BackwardCall:
     dbias. dx, dresidual, dweight and dbias are the caller's fresh allocations, and z, dz,
     residual only read, so the checks are the alignment of what the caller was handed."""
 
-    __slots__ = ("be", "prob", "training", "has_residual", "xsize", "vector", "ws_elems",
-                 "acc_size", "_progs")
+    __slots__ = ("be", "prob", "training", "has_residual", "xsize", "vector", "acc_size",
+                 "_progs")
 
     def __init__(self, fwd: ForwardCall):
         self.be, self.prob = fwd.be, fwd.prob
         self.training, self.has_residual = fwd.training, fwd.has_residual
         self.xsize, self.vector, self.acc_size = fwd.xsize, fwd.vector, fwd.acc_size
-        self.ws_elems = None
         self._progs: dict[tuple, Program] = {}
 
     def max_ws_elems(self) -> int:
@@ -138,7 +136,6 @@ class BackwardCall:
             kind = "backward_inplace" if inplace else "backward"
             prog = self._progs[(mask, inplace)] = self.be.program(
                 self.prob, kind, self.training, self.has_residual, mask)
-            self.ws_elems = prog.ws_bytes // numpy_dtype(self.prob.acc_dtype).itemsize
         return prog
 
 
