@@ -6,8 +6,12 @@ for backward, and forward-mode AD tangents. The eager fast path (torch_fast.admi
 call these could refuse here."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
+from iabn_core.activations import check_real
 from iabn_core.validate import IABNError
 
 from .torch_bridge import TORCH_DTYPES, _SUPPORTED
@@ -98,3 +102,38 @@ def _unrebasable_view(x) -> str:
             CreationMeta.INFERENCE_MODE: "created under torch.inference_mode",
             CreationMeta.IN_CUSTOM_FUNCTION: "created inside a custom autograd Function",
             }.get(meta, "")
+
+
+# ------------------------------------------------------------------------------------------
+# The modules' checks (torch_modules)
+# ------------------------------------------------------------------------------------------
+def _fail(msg: str):
+    raise IABNError(msg)
+
+
+def _check_hyperparameters(num_features, eps, momentum) -> None:
+    """Refused at construction, naming the argument, rather than at the first forward (the
+    in-place modules) or never (ABN, whose momentum 2 trained to a negative running_var)."""
+    if not isinstance(num_features, numbers.Integral) or isinstance(num_features, bool) \
+            or num_features < 1:
+        _fail(f"num_features must be an int >= 1, got {num_features!r}")
+    e = check_real("eps", eps, _fail)
+    if not (math.isfinite(e) and e > 0):
+        _fail(f"eps must be a finite number > 0, got {eps!r}")
+    if momentum is not None:
+        m = check_real("momentum", momentum, _fail)
+        if not 0.0 <= m <= 1.0:  # NaN fails too
+            _fail(f"momentum must be in [0, 1] (or None for a cumulative average), got "
+                  f"{momentum!r}")
+
+
+def _check_residual(x: torch.Tensor, residual: torch.Tensor) -> None:
+    """ABN adds the residual after batch_norm has updated the running stats, so every way
+    that add could refuse (or broadcast) is checked first: a refused call changes nothing.
+    Written for TorchScript too (ABN scripts)."""
+    if residual.shape != x.shape or residual.device != x.device:
+        raise IABNError(f"residual must be a tensor like x (shape {x.shape} on {x.device}), "
+                        f"got shape {residual.shape} on {residual.device}")
+    if not torch.can_cast(torch.promote_types(x.dtype, residual.dtype), x.dtype):
+        raise IABNError(f"residual has dtype {residual.dtype}, which cannot be added in place "
+                        f"to an output of x's dtype {x.dtype}")

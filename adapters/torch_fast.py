@@ -95,8 +95,7 @@ class Entry:
     facts. `ws_elems`: the forward workspace, sized for the forward's own use and for the
     backward's scratch behind the stats (`stats_bytes`), whatever the alignment classes."""
 
-    __slots__ = ("fwd", "bwd", "index", "acc", "cfg", "c", "ws_elems", "stats_bytes", "proto",
-                 "param_bytes")
+    __slots__ = ("fwd", "bwd", "index", "acc", "cfg", "c", "ws_elems", "stats_bytes", "proto")
 
     def __init__(self, sig, backend, x, training, eps, activation, activation_param,
                  has_residual, params):
@@ -106,7 +105,6 @@ class Entry:
         self.index = x.get_device()
         self.acc = TORCH_DTYPES[sig.prob.acc_dtype]
         self.c = sig.prob.c
-        self.param_bytes = self.c * fwd.psize
         self.cfg = (training, eps, activation, activation_param)
         self.proto = torch.empty(0, dtype=self.acc, device=x.device)  # for new_empty
         self.stats_bytes = fwd.stats_bytes
@@ -354,9 +352,9 @@ def op_backward(z, dz, dx, stats, weight, bias, residual, dresidual, training, e
             0 if residual is None else residual.data_ptr(),
             0 if dresidual is None else dresidual.data_ptr(),
             0 if dw is None else dw.data_ptr(), 0 if db is None else db.data_ptr())
-    small = tuple((p, p + n) for p, n in ((ptrs[3], entry.stats_bytes),
-                                          (ptrs[4], entry.param_bytes),
-                                          (ptrs[5], entry.param_bytes)) if p)
+    pb = entry.fwd.param_bytes
+    small = tuple((p, p + n) for p, n in ((ptrs[3], entry.stats_bytes), (ptrs[4], pb),
+                                          (ptrs[5], pb)) if p)
     # dx and dresidual are written; dx may be dz itself (in place), else it must not touch it
     read = (zp, ptrs[6]) if inplace else (zp, dzp, ptrs[6])
     if not disjoint_writes(entry.fwd.spans[0], (dxp, ptrs[7]), read, small):

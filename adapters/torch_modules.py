@@ -9,7 +9,6 @@ gamma = |weight| + eps (a scale that is never 0 keeps the affine map invertible)
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Optional
 
 import torch
@@ -19,7 +18,8 @@ from torch import nn
 from iabn_core.activations import check_activation, check_real
 from iabn_core.validate import IABNError
 
-from .torch_ops import _apply, inplace_abn_sync
+from .torch_checks import _check_hyperparameters, _check_residual, _fail
+from .torch_ops import _apply, _sync_group_name
 
 __all__ = ["ABN", "InPlaceABN", "InPlaceABNSync", "IN_PLACE_MODULES", "IABNConversionWarning"]
 
@@ -29,38 +29,6 @@ _ABN_ACTIVATIONS = ("relu", "leaky_relu", "elu", "identity")
 
 class IABNConversionWarning(UserWarning):
     """A BatchNorm could not be converted exactly (or was left as it is)."""
-
-
-def _fail(msg: str):
-    raise IABNError(msg)
-
-
-def _check_hyperparameters(num_features, eps, momentum) -> None:
-    """Refused at construction, naming the argument, rather than at the first forward (the
-    in-place modules) or never (ABN, whose momentum 2 trained to a negative running_var)."""
-    if not isinstance(num_features, numbers.Integral) or isinstance(num_features, bool) \
-            or num_features < 1:
-        _fail(f"num_features must be an int >= 1, got {num_features!r}")
-    e = check_real("eps", eps, _fail)
-    if not (math.isfinite(e) and e > 0):
-        _fail(f"eps must be a finite number > 0, got {eps!r}")
-    if momentum is not None:
-        m = check_real("momentum", momentum, _fail)
-        if not 0.0 <= m <= 1.0:  # NaN fails too
-            _fail(f"momentum must be in [0, 1] (or None for a cumulative average), got "
-                  f"{momentum!r}")
-
-
-def _check_residual(x: torch.Tensor, residual: torch.Tensor) -> None:
-    """ABN adds the residual after batch_norm has updated the running stats, so every way
-    that add could refuse (or broadcast) is checked first: a refused call changes nothing.
-    Written for TorchScript too (ABN scripts)."""
-    if residual.shape != x.shape or residual.device != x.device:
-        raise IABNError(f"residual must be a tensor like x (shape {x.shape} on {x.device}), "
-                        f"got shape {residual.shape} on {residual.device}")
-    if not torch.can_cast(torch.promote_types(x.dtype, residual.dtype), x.dtype):
-        raise IABNError(f"residual has dtype {residual.dtype}, which cannot be added in place "
-                        f"to an output of x's dtype {x.dtype}")
 
 
 class ABN(nn.Module):
@@ -78,22 +46,12 @@ class ABN(nn.Module):
     an in-place layer cannot go (README, "In-place hazards") and for inference.
 
     Args:
-        num_features: C, the channels of an input of shape (N, C) or (N, C, *).
+        num_features, momentum, affine, track_running_stats, activation_param, bias,
+            device, dtype: as in :class:`InPlaceABN`.
         eps: added to the variance for numerical stability (the in-place modules also add
             it to ``|weight|``). Default: 1e-5.
-        momentum: the weight of the batch in the running-statistics update, in [0, 1], or
-            ``None`` for a cumulative average over the batches seen. Default: 0.1.
-        affine: learn a per-channel ``weight`` (initialised to 1) and ``bias`` (0).
-            Default: True.
-        track_running_stats: keep ``running_mean``, ``running_var`` and
-            ``num_batches_tracked``, and normalise with the running statistics in eval mode;
-            if False, batch statistics are used in both modes. Default: True.
         activation: ``"leaky_relu"``, ``"elu"``, ``"identity"``, or ``"relu"`` (ABN only).
             Default: ``"leaky_relu"``.
-        activation_param: the negative slope of leaky_relu or the alpha of elu, > 0.
-            Default: 0.01.
-        bias: keyword-only; with ``affine``, learn ``bias`` too. Default: True.
-        device, dtype: keyword-only; of the parameters and buffers, as in ``nn.BatchNorm2d``.
 
     Shape:
         - Input: :math:`(N, C)` or :math:`(N, C, *)`, contiguous or ``channels_last``.
@@ -174,27 +132,6 @@ class ABN(nn.Module):
             nn.init.ones_(self.weight)
             if self.bias is not None:
                 nn.init.zeros_(self.bias)
-
-    def _momentum_and_training(self):
-        """(momentum, use batch statistics, counts this batch), with nn.BatchNorm's rules:
-        momentum None averages cumulatively over the batches counted so far; without running
-        stats, batch stats are always used. Nothing is written here: num_batches_tracked only
-        moves once the op has succeeded (`_count_batch`), so a rejected call changes nothing."""
-        momentum = 0.0 if self.momentum is None else self.momentum
-        counts = bool(self.training and self.track_running_stats)
-        if counts and self.momentum is None:
-            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
-        training = self.training or self.running_mean is None
-        return momentum, training, counts
-
-    def _count_batch(self, counts: bool) -> None:
-        if counts:
-            self.num_batches_tracked.add_(1)
-
-    def _running_stats(self):
-        if self.training and not self.track_running_stats:
-            return None, None
-        return self.running_mean, self.running_var
 
     def effective_weight(self) -> Optional[torch.Tensor]:
         """The scale gamma that multiplies the normalised input."""
@@ -346,15 +283,15 @@ class InPlaceABN(_RefusesTorchScript, ABN):
         True
     """
 
-    def _check_activation(self):
-        def fail(msg):
-            raise IABNError(msg)
+    # InPlaceABNSync (not a subclass, see there) shares these methods; it synchronises.
+    _synced = False
 
+    def _check_activation(self):
         if self.activation == "relu":
-            fail("InPlaceABN cannot use relu: it is not invertible, and backward recovers the "
-                 "input from the output. Use activation='leaky_relu' (e.g. activation_param="
-                 "0.01) or ABN")
-        check_activation(self.activation, self.activation_param, fail)
+            _fail("InPlaceABN cannot use relu: it is not invertible, and backward recovers the "
+                  "input from the output. Use activation='leaky_relu' (e.g. activation_param="
+                  "0.01) or ABN")
+        check_activation(self.activation, self.activation_param, _fail)
 
     def effective_weight(self) -> Optional[torch.Tensor]:
         return None if self.weight is None else self.weight.abs() + self.eps
@@ -367,8 +304,8 @@ class InPlaceABN(_RefusesTorchScript, ABN):
             residual: optional, x's shape, dtype and layout; added before the activation,
                 only read (autograd keeps it as it is for backward).
         """
-        # The rules of _momentum_and_training / _running_stats, inlined: this runs once per
-        # layer per step, and each Module.__getattr__ or helper call is a Python frame.
+        # nn.BatchNorm's rules (ABN.forward spells them for TorchScript), inlined: this runs
+        # once per layer per step, and each Module.__getattr__ or helper call is a frame.
         params, buffers = self._parameters, self._buffers
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         momentum = self.momentum
@@ -379,8 +316,9 @@ class InPlaceABN(_RefusesTorchScript, ABN):
             running_mean = running_var = None
         return _apply(x, params["weight"], params["bias"], running_mean, running_var,
                       self.training or running_mean is None, momentum, self.eps,
-                      self.activation, self.activation_param, "", residual,
-                      buffers["num_batches_tracked"] if counts else None)
+                      self.activation, self.activation_param,
+                      _sync_group_name(self.group, self.training, 2) if self._synced else "",
+                      residual, buffers["num_batches_tracked"] if counts else None)
 
 
 class InPlaceABNSync(_RefusesTorchScript, ABN):
@@ -421,8 +359,10 @@ class InPlaceABNSync(_RefusesTorchScript, ABN):
     unsynchronised layers with isinstance(m, InPlaceABN) must not pick these up. The
     in-place behaviour (no relu, gamma = |w| + eps) is InPlaceABN's, shared below."""
 
+    _synced = True
     _check_activation = InPlaceABN._check_activation
     effective_weight = InPlaceABN.effective_weight
+    forward = InPlaceABN.forward
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
@@ -436,15 +376,6 @@ class InPlaceABNSync(_RefusesTorchScript, ABN):
     def set_group(self, group: Optional[Any]) -> None:
         """Group to synchronise with; never change it between a forward and its backward."""
         self.group = group
-
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        momentum, training, counts = self._momentum_and_training()
-        running_mean, running_var = self._running_stats()
-        z = inplace_abn_sync(x, self.weight, self.bias, running_mean, running_var, training,
-                             momentum, self.eps, self.activation, self.activation_param,
-                             self.group, residual=residual)
-        self._count_batch(counts)
-        return z
 
 
 # Every module that works in place (InPlaceABNSync is not an InPlaceABN, see its class).

@@ -377,18 +377,23 @@ def inplace_abn_sync(x: torch.Tensor, weight: Optional[torch.Tensor],
     them). Ranks may hold different batch sizes, including none. Without an initialised
     torch.distributed it runs the local version and warns (SyncFallbackWarning, in training
     and eval), as the official package does."""
+    return _apply(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                  activation, activation_param, _sync_group_name(group, training, 3), residual)
+
+
+def _sync_group_name(group, training: bool, stacklevel: int) -> str:
+    """The name of the process group to synchronise over; "" runs unsynchronised (a group of
+    one rank, or no torch.distributed: that warns, `stacklevel` frames up from here)."""
     dist = torch.distributed
-    active = dist.is_available() and dist.is_initialized()
-    group_name = ""
-    if not active:  # in eval too, as officially: a sync layer without a group is suspect
+    if not (dist.is_available() and dist.is_initialized()):
+        # in eval too, as officially: a sync layer without a group is suspect
         warnings.warn("inplace_abn_sync: torch.distributed is not initialised; running "
                       "unsynchronised" + (" (per-process batch statistics)" if training else ""),
-                      SyncFallbackWarning, stacklevel=2)
-    elif active:
-        if dist.get_rank(group) < 0:
-            raise IABNError("inplace_abn_sync: this process is not a member of `group`")
-        if dist.get_world_size(group) > 1:
-            pg = group if group is not None else dist.distributed_c10d._get_default_group()
-            group_name = pg.group_name
-    return _apply(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                  activation, activation_param, group_name, residual)
+                      SyncFallbackWarning, stacklevel=stacklevel)
+        return ""
+    if dist.get_rank(group) < 0:
+        raise IABNError("inplace_abn_sync: this process is not a member of `group`")
+    if dist.get_world_size(group) > 1:
+        pg = group if group is not None else dist.distributed_c10d._get_default_group()
+        return pg.group_name
+    return ""

@@ -25,8 +25,8 @@ class ForwardCall:
     """Pointers, in order: x, weight, bias, running_mean, running_var, residual,
     num_batches_tracked (0: absent; the counter is an int64 the forward kernel increments)."""
 
-    __slots__ = ("be", "prob", "training", "has_residual", "xsize", "psize", "acc_size",
-                 "present", "spans", "vector", "stats_bytes", "_progs",
+    __slots__ = ("be", "prob", "training", "has_residual", "xsize", "psize", "param_bytes",
+                 "acc_size", "present", "spans", "vector", "stats_bytes", "_progs",
                  "_param_ext")
 
     def __init__(self, sig: Signature, be: KernelBackend, training: bool, has_residual: bool,
@@ -35,6 +35,7 @@ class ForwardCall:
         self.training, self.has_residual = training, has_residual
         self.xsize = numpy_dtype(self.prob.x_dtype).itemsize
         self.psize = numpy_dtype(self.prob.param_dtype).itemsize
+        self.param_bytes = self.psize * self.prob.c  # one (C,) parameter or running stat
         self.acc_size = numpy_dtype(self.prob.acc_dtype).itemsize
         self.spans = sig.spans  # x's, then each present parameter's (start, end) offsets
         self.present = present  # indices (1-4, into the pointers) of the parameters given
@@ -91,7 +92,7 @@ class ForwardCall:
                 return None
             if self.training:
                 for p in (m, v):
-                    if p and r0 < p + self.psize * self.prob.c and p < r1:
+                    if p and r0 < p + self.param_bytes and p < r1:
                         return None
         mask = 0
         if self.vector:

@@ -49,9 +49,9 @@ class Recorder(KernelBackend):
             self._backward_sequence(prob, Ref("z"), dz, Ref("stats"), w, b, training, dx, r,
                                     Ref("dresidual") if has_residual else None)
             inputs = BACKWARD_INPUTS
-        check = getattr(self.rt, "check_packed", None)
-        for ln in self.recorded:
-            if check is not None:
+        check = getattr(self.rt, "check_packed", None)  # the emulator checks the packing
+        if check is not None:
+            for ln in self.recorded:
                 check(ln.fn, ln.args)
         return Program(self.rt, inputs, self.recorded, self.ws_bytes, prob.acc_dtype,
                        counter=self.owner)
