@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -57,6 +57,20 @@ def scale_change(bn: nn.Module) -> Optional[ScaleChange]:
     return _scale_change(weight, bn.eps)
 
 
+def _in_place_weight(gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    """The in-place weight w = gamma - eps, so that |w| + eps = gamma; gamma <= eps gets
+    w = 0, the smallest scale (eps)."""
+    return (gamma - eps).clamp_min(0)
+
+
+def _in_place_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(state_dict key of its weight, layer) for each affine InPlaceABN/InPlaceABNSync in
+    model: the layers whose weight the two parametrisations disagree on."""
+    for name, m in model.named_modules():
+        if isinstance(m, IN_PLACE_MODULES) and m.affine:
+            yield (f"{name}.weight" if name else "weight"), m
+
+
 def batchnorm_state_dict(model: nn.Module) -> dict:
     """`model.state_dict()` with the weight of every InPlaceABN/InPlaceABNSync written in the
     BatchNorm parametrisation (|w| + eps): load it into the BatchNorm model the in-place one
@@ -65,10 +79,9 @@ def batchnorm_state_dict(model: nn.Module) -> dict:
         raise TypeError(f"batchnorm_state_dict: model must be an nn.Module, got "
                         f"{type(model).__name__}")
     sd = model.state_dict()
-    for name, m in model.named_modules():
-        if isinstance(m, IN_PLACE_MODULES) and m.affine and m.weight is not None:
-            key = f"{name}.weight" if name else "weight"
-            sd[key] = m.weight.detach().abs() + m.eps
+    for key, m in _in_place_layers(model):
+        if m.weight is not None:
+            sd[key] = m.effective_weight().detach()
     return sd
 
 
@@ -95,9 +108,8 @@ def load_batchnorm_state_dict(model: nn.Module, state_dict: Mapping[str, Any],
         raise TypeError(f"load_batchnorm_state_dict: exact must be a bool, got {exact!r}")
     converted = dict(state_dict)
     refused, changed = [], []
-    for name, m in model.named_modules():
-        key = f"{name}.weight" if name else "weight"
-        if not isinstance(m, IN_PLACE_MODULES) or not m.affine or key not in converted:
+    for key, m in _in_place_layers(model):
+        if key not in converted:
             continue
         gamma = converted[key]
         if not isinstance(gamma, torch.Tensor):
@@ -112,7 +124,7 @@ def load_batchnorm_state_dict(model: nn.Module, state_dict: Mapping[str, Any],
             else:
                 changed.append(f"{key}: {change.channels} of {change.total} channels, by at "
                                f"most {change.bound:.3g}*|x_hat|")
-        converted[key] = (gamma - m.eps).clamp_min(0)
+        converted[key] = _in_place_weight(gamma, m.eps)
     if refused:
         raise IABNError("load_batchnorm_state_dict: InPlaceABN's scale |w| + eps cannot "
                         "represent these BatchNorm weights, so the model would compute another "

@@ -34,9 +34,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .torch_fx_nodes import (_Act, _Tracer, _act_of_module, _act_of_node, _describe, _fresh,
                              _is_add_of, _modifies_in_place, _pass_through, _past_identities,
                              _set_module, drop_rate)
-from .torch_layer_convert import from_batchnorm, to_sync
+from .torch_layer_convert import _in_place_from, to_sync
 from .torch_modules import IABNConversionWarning, IN_PLACE_MODULES
-from .torch_checkpoint import scale_change
+from .torch_checkpoint import ScaleChange, scale_change
 from .torch_convert_precision import fused_precision_warning
 
 __all__ = ["convert_model"]
@@ -66,6 +66,7 @@ class _State:
     plans: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     claimed: dict = field(default_factory=dict)  # add node -> plan of the fused BN
+    scales: dict = field(default_factory=dict)  # BN target -> scale_change (one sync each)
 
 
 def _norm_act_parts(m: nn.Module):
@@ -125,7 +126,8 @@ def _analyse(node: fx.Node, st: _State) -> Optional[str]:
     m = st.modules[node.target]
     if st.calls[node.target] > 1:
         return "the module is called more than once"
-    why = _scale_refusal(m, st.exact)
+    st.scales[node.target] = scale_change(m)
+    why = _scale_refusal(st.scales[node.target], st.exact)
     if why:
         return why
     inner, why = _norm_act_parts(m)
@@ -200,10 +202,9 @@ def _finish(st: _State, plan: _Plan, out: fx.Node) -> Optional[str]:
     return None
 
 
-def _scale_refusal(bn: _BatchNorm, exact: bool) -> Optional[str]:
-    """Why BN's scales rule out InPlaceABN (scale |w| + eps > eps): any channel with
-    gamma <= eps under exact=True; a negative gamma always (its sign would flip)."""
-    change = scale_change(bn)
+def _scale_refusal(change: Optional[ScaleChange], exact: bool) -> Optional[str]:
+    """Why a BN's scales (their scale_change) rule out InPlaceABN (scale |w| + eps > eps): any
+    channel with gamma <= eps under exact=True; a negative gamma always (its sign would flip)."""
     if change is None:
         return None
     if change.negative:
@@ -242,9 +243,8 @@ def _module_only(plan: _Plan, st: _State) -> bool:
 
 def _swap(root: nn.Module, plan: _Plan, st: _State) -> None:
     bn = st.modules[plan.bn.target]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", IABNConversionWarning)  # representability checked above
-        new = from_batchnorm(bn, plan.act.name, plan.act.param)
+    # No warning of its own: _analyse measured the scales and convert_model reports them.
+    new = _in_place_from(bn, plan.act.name, plan.act.param, warn=False)
     if _norm_act_parts(bn)[0] is not None:  # to_batchnorm rebuilds a plain torch BN class
         new._bn_class = next(c for c in type(bn).__mro__ if c.__module__.startswith("torch.nn"))
     _set_module(root, plan.bn.target, new)
@@ -351,8 +351,7 @@ def convert_model(model: nn.Module, sync: bool = False, group: Optional[Any] = N
             why = _analyse(n, st)
             if why:
                 st.skipped.append(f"{n.target}: {why}")
-    changed = [(p.bn.target, scale_change(modules[p.bn.target])) for p in st.plans]
-    changed = [(name, c) for name, c in changed if c is not None]
+    changed = [(p.bn.target, c) for p in st.plans if (c := st.scales[p.bn.target]) is not None]
     out = model
     if all(_module_only(p, st) for p in st.plans):
         for p in st.plans:

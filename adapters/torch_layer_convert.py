@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .torch_checkpoint import _in_place_weight, scale_change
 from .torch_modules import (ABN, IN_PLACE_MODULES, IABNConversionWarning, InPlaceABN,
                             InPlaceABNSync)
 
@@ -20,11 +21,18 @@ def _first_tensor(m: nn.Module) -> Optional[torch.Tensor]:
     return None
 
 
-def _unrepresentable(bn: _BatchNorm) -> int:
-    """Channels whose BN scale gamma <= eps: |w| + eps can never equal them."""
-    if not bn.affine:
-        return 0
-    return int((bn.weight.detach() <= bn.eps).sum())
+def _copy_state(src: nn.Module, dst: nn.Module, weight: Optional[torch.Tensor]) -> None:
+    """Writes into dst the scale `weight` (src's, already in dst's parametrisation; None: no
+    scale to copy), then src's bias and running statistics: both conversion directions."""
+    with torch.no_grad():
+        if weight is not None:
+            dst.weight.copy_(weight)
+        if src.affine and src.bias is not None:  # no bias: nn.BatchNorm(bias=False)
+            dst.bias.copy_(src.bias)
+        if src.track_running_stats:
+            dst.running_mean.copy_(src.running_mean)
+            dst.running_var.copy_(src.running_var)
+            dst.num_batches_tracked.copy_(src.num_batches_tracked)
 
 
 def from_batchnorm(bn: _BatchNorm, activation: str = "leaky_relu",
@@ -38,6 +46,13 @@ def from_batchnorm(bn: _BatchNorm, activation: str = "leaky_relu",
     if not isinstance(bn, _BatchNorm):
         raise TypeError(f"from_batchnorm expects a torch.nn BatchNorm module, got "
                         f"{type(bn).__name__}")
+    return _in_place_from(bn, activation, activation_param, warn=True)
+
+
+def _in_place_from(bn: _BatchNorm, activation: str, activation_param: float,
+                   warn: bool) -> ABN:
+    """from_batchnorm's conversion. convert_model passes warn=False: it has already measured
+    the scales (one device sync per BN) and reports them itself."""
     cls = InPlaceABNSync if isinstance(bn, nn.SyncBatchNorm) else InPlaceABN
     m = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
             activation, activation_param, bias=bn.bias is not None)
@@ -46,21 +61,13 @@ def from_batchnorm(bn: _BatchNorm, activation: str = "leaky_relu",
     like = _first_tensor(bn)
     if like is not None:
         m = m.to(device=like.device, dtype=like.dtype)
-    bad = _unrepresentable(bn)
-    if bad:
-        warnings.warn(f"from_batchnorm: {bad} of {bn.num_features} channels have gamma <= eps "
-                      f"({bn.eps}), which InPlaceABN (scale |w| + eps) cannot represent; they "
-                      "are set to gamma = eps and their outputs will differ",
-                      IABNConversionWarning, stacklevel=2)
-    with torch.no_grad():
-        if bn.affine:
-            m.weight.copy_((bn.weight - bn.eps).clamp_min(0))
-            if bn.bias is not None:  # nn.BatchNorm(bias=False)
-                m.bias.copy_(bn.bias)
-        if bn.track_running_stats:
-            m.running_mean.copy_(bn.running_mean)
-            m.running_var.copy_(bn.running_var)
-            m.num_batches_tracked.copy_(bn.num_batches_tracked)
+    change = scale_change(bn) if warn else None
+    if change is not None:  # stacklevel 3: the caller of from_batchnorm
+        warnings.warn(f"from_batchnorm: {change.channels} of {bn.num_features} channels have "
+                      f"gamma <= eps ({bn.eps}), which InPlaceABN (scale |w| + eps) cannot "
+                      "represent; they are set to gamma = eps and their outputs will differ",
+                      IABNConversionWarning, stacklevel=3)
+    _copy_state(bn, m, _in_place_weight(bn.weight, bn.eps) if bn.affine else None)
     m._bn_class = type(bn)  # lets to_batchnorm rebuild the same class
     return m.train(bn.training)
 
@@ -81,8 +88,15 @@ def to_batchnorm(m: ABN, bn_class: Optional[type] = None) -> nn.Sequential:
     from, else nn.BatchNorm2d (the classes differ only in the input rank they accept)."""
     if not isinstance(m, ABN):
         raise TypeError(f"to_batchnorm expects an ABN/InPlaceABN module, got {type(m).__name__}")
-    bn_class = bn_class or getattr(m, "_bn_class", nn.BatchNorm2d)
-    bn = bn_class(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+    bn = _batchnorm_from(m, bn_class or getattr(m, "_bn_class", nn.BatchNorm2d))
+    return nn.Sequential(bn, _activation_module(m)).train(m.training)
+
+
+def _batchnorm_from(m: ABN, bn_class: type, *args: Any) -> _BatchNorm:
+    """A `bn_class` module (args: its arguments after BatchNorm's first five) holding m's
+    state in the BatchNorm parametrisation, on m's device and dtype, in m's train/eval mode;
+    an nn.SyncBatchNorm synchronises over m's group. Also builds revert_model's layers."""
+    bn = bn_class(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, *args)
     if isinstance(bn, nn.SyncBatchNorm):
         bn.process_group = getattr(m, "group", None)
     like = _first_tensor(m)
@@ -90,16 +104,9 @@ def to_batchnorm(m: ABN, bn_class: Optional[type] = None) -> nn.Sequential:
         bn = bn.to(device=like.device, dtype=like.dtype)
     if m.affine and m.bias is None:  # built with bias=False: no bias key on either side
         bn.register_parameter("bias", None)
-    with torch.no_grad():
-        if m.affine:
-            bn.weight.copy_(m.effective_weight())
-            if m.bias is not None:
-                bn.bias.copy_(m.bias)
-        if m.track_running_stats:
-            bn.running_mean.copy_(m.running_mean)
-            bn.running_var.copy_(m.running_var)
-            bn.num_batches_tracked.copy_(m.num_batches_tracked)
-    return nn.Sequential(bn, _activation_module(m)).train(m.training)
+    # effective_weight() is None for a weight set to None: nothing to copy then
+    _copy_state(m, bn, m.effective_weight() if m.affine else None)
+    return bn.train(m.training)
 
 
 def to_sync(m: ABN, group: Optional[Any] = None) -> InPlaceABNSync:

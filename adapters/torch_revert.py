@@ -22,7 +22,6 @@ from __future__ import annotations
 import operator
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -30,7 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from iabn_core.validate import IABNError
 
 from .torch_fx_nodes import _set_module
-from .torch_layer_convert import _first_tensor
+from .torch_layer_convert import _batchnorm_from
 from .torch_layer_convert import to_batchnorm as _layer_to_batchnorm
 from .torch_modules import ABN, InPlaceABNSync
 
@@ -45,6 +44,10 @@ def _activate(y: Tensor, activation: str, param: float) -> Tensor:
     if activation == "relu":
         return F.relu(y)
     return y
+
+
+# What _revert_graph calls for each activation (_activate spells it out: TorchScript compiles it).
+_ACTIVATION_FUNCTIONS = {"leaky_relu": F.leaky_relu, "elu": F.elu, "relu": F.relu}
 
 
 def _act_repr(m: nn.Module, bn_repr: str) -> str:
@@ -117,39 +120,9 @@ class SyncBatchNormAct(nn.SyncBatchNorm):
         return _act_repr(self, super().extra_repr())
 
 
-def _copy_state(m: ABN, bn: _BatchNorm) -> _BatchNorm:
-    """bn (a fresh BN-style module) with m's state in the BN parametrisation, on m's device
-    and dtype, in m's train/eval mode."""
-    like = _first_tensor(m)
-    if like is not None:
-        bn = bn.to(device=like.device, dtype=like.dtype)
-    with torch.no_grad():
-        if m.affine and m.weight is not None:
-            bn.weight.copy_(m.effective_weight())
-        if m.affine and m.bias is not None and bn.bias is not None:
-            bn.bias.copy_(m.bias)
-        if m.track_running_stats:
-            bn.running_mean.copy_(m.running_mean)
-            bn.running_var.copy_(m.running_var)
-            bn.num_batches_tracked.copy_(m.num_batches_tracked)
-    return bn.train(m.training)
-
-
-def _no_bias(m: ABN, bn: _BatchNorm) -> _BatchNorm:
-    # An ABN built with bias=False (nn.BatchNorm's option) has no bias key: neither may the BN.
-    if m.affine and m.bias is None and bn.bias is not None:
-        bn.register_parameter("bias", None)
-    return bn
-
-
 def _act_module(m: ABN, sync: bool) -> _BatchNorm:
-    args = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, m.activation,
-            m.activation_param)
-    if sync and isinstance(m, InPlaceABNSync):
-        bn = SyncBatchNormAct(*args, process_group=getattr(m, "group", None))
-    else:
-        bn = BatchNormAct(*args)
-    return _copy_state(m, _no_bias(m, bn))
+    cls = SyncBatchNormAct if sync and isinstance(m, InPlaceABNSync) else BatchNormAct
+    return _batchnorm_from(m, cls, m.activation, m.activation_param)
 
 
 def _plain_bn(m: ABN, sync: bool) -> _BatchNorm:
@@ -159,13 +132,8 @@ def _plain_bn(m: ABN, sync: bool) -> _BatchNorm:
     elif cls is not None and issubclass(cls, nn.SyncBatchNorm):
         cls = None  # not synchronised: the rank it was built for is unknown
     if cls is None:  # e.g. a layer built by hand: its input rank is unknown, take any
-        bn = BatchNormAct(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
-                          "identity")
-        return _copy_state(m, _no_bias(m, bn))
-    bn = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
-    if isinstance(bn, nn.SyncBatchNorm):
-        bn.process_group = getattr(m, "group", None)
-    return _copy_state(m, _no_bias(m, bn))
+        return _batchnorm_from(m, BatchNormAct, "identity")
+    return _batchnorm_from(m, cls)
 
 
 def _revert_graph(gm: fx.GraphModule, sync: bool) -> fx.GraphModule:
@@ -186,9 +154,8 @@ def _revert_graph(gm: fx.GraphModule, sync: bool) -> fx.GraphModule:
                 out = graph.call_function(operator.add, (out, residual))
             if m.activation != "identity":
                 with graph.inserting_after(out):
-                    fn = {"leaky_relu": F.leaky_relu, "elu": F.elu, "relu": F.relu}
                     args = (out,) if m.activation == "relu" else (out, m.activation_param)
-                    out = graph.call_function(fn[m.activation], args)
+                    out = graph.call_function(_ACTIVATION_FUNCTIONS[m.activation], args)
         for u in users:
             u.replace_input_with(node, out)
     graph.lint()
