@@ -22,11 +22,23 @@ about 1 / SMALL_SCALE = 20 or more there, and convert_model lists it in a warnin
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
+import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 SMALL_SCALE = 0.05
+
+
+def output_scale(gamma: torch.Tensor, beta: Union[torch.Tensor, float]) -> torch.Tensor:
+    """Per channel, the root mean square of BN(x) in training, sqrt(gamma^2 + beta^2), in
+    float64. `gamma` is the scale as applied (for the in-place modules |w| + eps), `beta` the
+    bias, or 0.0 for a BN without one. One definition for this module's warning and for the
+    precision benchmark's residual table (benchmarks/precision.py), so the scale the warning
+    thresholds is the one the benchmark reports."""
+    if isinstance(beta, torch.Tensor):
+        beta = beta.double()
+    return (gamma.double().square() + beta ** 2).sqrt()
 
 
 def small_output_scale(bn: _BatchNorm) -> Optional[tuple[int, int, float]]:
@@ -34,9 +46,11 @@ def small_output_scale(bn: _BatchNorm) -> Optional[tuple[int, int, float]]:
     as convert_model turns it into InPlaceABN (scales <= eps raised to eps), or None."""
     if bn.weight is None:
         return None  # scale 1: nothing small
+    # Made float64 before the clamp (output_scale's own cast comes too late for it): clamping
+    # a float32 weight would round eps to float32 first.
     gamma = bn.weight.detach().double().abs().clamp_min(bn.eps)
-    beta = 0.0 if bn.bias is None else bn.bias.detach().double()
-    scale = (gamma.square() + beta ** 2).sqrt()
+    beta = 0.0 if bn.bias is None else bn.bias.detach()
+    scale = output_scale(gamma, beta)
     small = int((scale < SMALL_SCALE).sum())
     return (small, scale.numel(), scale.min().item()) if small else None
 

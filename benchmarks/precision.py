@@ -27,13 +27,14 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import nets
-from .cases import EPS, SLOPE, Settings
+from .cases import EPS, SLOPE, NetSetup, Settings
 
 KINDS = ("torch", "iabn", "iabn_fused")
 DTYPES16 = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -110,11 +111,12 @@ def convert(model: nn.Module, fuse: bool) -> nn.Module:
         return convert_model(copy.deepcopy(model), fuse_residual=fuse)
 
 
-def batch(s: Sizes, width_batch: int, image: int, device, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(width_batch, 3, image, image, generator=g)
-    y = torch.randint(0, s.classes, (width_batch,), generator=g)
-    return x.to(device), y.to(device)
+def batch(s: Sizes, n: int, image: int, device, seed=1):
+    """n random images and class labels: nets.batch's ResNet-50 input, so this part and the
+    others draw their batches the same way (the width, which only sizes the network, does
+    not enter it)."""
+    setup = NetSetup("resnet50", size=image, width=s.width, batches=(n,), classes=s.classes)
+    return nets.batch(setup, n, device, seed)
 
 
 def _autocast(device, dtype):
@@ -149,6 +151,19 @@ class Layer:
     gamma: torch.Tensor  # the scale InPlaceABN applies, |w| + eps (what every kind gets)
     beta: torch.Tensor
 
+    @cached_property
+    def ratio(self) -> tuple[float, float]:
+        """|r| / |BN(x)|: root mean square over the layer, and the largest per-channel ratio.
+        Cached: the residual table and the gradient rows both report it, and it is a float64
+        batch norm over the whole activation."""
+        x = self.x.double()
+        y = F.batch_norm(x, None, None, self.gamma.double(), self.beta.double(), True, 0.0, EPS)
+        dims = [d for d in range(x.dim()) if d != 1]
+        r = self.r.double()
+        whole = (r.square().mean() / y.square().mean()).sqrt().item()
+        per_channel = (r.square().mean(dims) / y.square().mean(dims)).sqrt().max().item()
+        return whole, per_channel
+
 
 def capture(fused: nn.Module, x, y, backward: bool) -> list[Layer]:
     """Every in-place layer's input, residual and output gradient in one pass of the
@@ -162,7 +177,7 @@ def capture(fused: nn.Module, x, y, backward: bool) -> list[Layer]:
             r = kwargs.get("residual", args[1] if len(args) > 1 else None)
             layers.append(Layer(name, m.activation, args[0].detach().clone(),
                                 None if r is None else r.detach().clone(), None,
-                                (m.weight.detach().abs() + m.eps), m.bias.detach().clone()))
+                                m.effective_weight().detach(), m.bias.detach().clone()))
         return hook
 
     def post(mod, args, kwargs, out):
@@ -184,17 +199,6 @@ def capture(fused: nn.Module, x, y, backward: bool) -> list[Layer]:
         for h in hooks:
             h.remove()
     return layers
-
-
-def ratio(layer: Layer) -> tuple[float, float]:
-    """|r| / |BN(x)|: root mean square over the layer, and the largest per-channel ratio."""
-    x = layer.x.double()
-    y = F.batch_norm(x, None, None, layer.gamma.double(), layer.beta.double(), True, 0.0, EPS)
-    dims = [d for d in range(x.dim()) if d != 1]
-    r = layer.r.double()
-    whole = (r.square().mean() / y.square().mean()).sqrt().item()
-    per_channel = (r.square().mean(dims) / y.square().mean(dims)).sqrt().max().item()
-    return whole, per_channel
 
 
 def _act(u, act):
@@ -219,6 +223,14 @@ def closed_form(layer: Layer, x, r, dz, gamma, beta) -> dict:
     return dict(dweight=dw, dbias=db, dx=dx)
 
 
+def _in_place(kind: str, fused: bool, act: str) -> bool:
+    """Whether `kind` runs the layer as InPlaceABN (else as nn.BatchNorm2d, + r, act):
+    convert_model(fuse_residual=False) leaves BN -> add -> act and a shortcut's BN (no
+    activation) as BN. kind_grads builds the layer from it and layer_rows reuses the torch
+    kind's gradients where it is False, so both must agree."""
+    return kind == "iabn_fused" or (kind == "iabn" and not fused and act != "identity")
+
+
 def kind_grads(kind: str, layer: Layer, x, r, dz, gamma, beta, dtype) -> dict:
     """One kind's gradients of one layer, fed x, r, dz in the activation dtype and float32
     parameters (float64 ones for a float64 activation), as autocast hands them over."""
@@ -227,11 +239,8 @@ def kind_grads(kind: str, layer: Layer, x, r, dz, gamma, beta, dtype) -> dict:
     pdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     xl = x.clone().requires_grad_(True)
     rl = None if r is None else r.clone().requires_grad_(True)
-    # convert_model(fuse_residual=False) leaves BN -> add -> act and a shortcut's BN as BN.
-    in_place = kind == "iabn_fused" or (kind == "iabn" and r is None
-                                        and layer.act != "identity")
     with _autocast(x.device, dtype):
-        if in_place:
+        if _in_place(kind, r is not None, layer.act):
             m = InPlaceABN(x.shape[1], eps=EPS, activation=layer.act, activation_param=SLOPE)
             m = m.to(device=x.device, dtype=pdt)
             with torch.no_grad():
@@ -269,7 +278,7 @@ def layer_rows(init: str, layers: list[Layer], device) -> list[dict]:
     rows = []
     for lay in layers:
         fused = lay.r is not None
-        rr = ratio(lay) if fused else (None, None)
+        rr = lay.ratio if fused else (None, None)
         for dname, dtype in (("float64", torch.float64), *DTYPES16.items()):
             pdt = torch.float64 if dtype == torch.float64 else torch.float32
             x, dz = lay.x.to(device, dtype), (lay.dz * _loss_scale(lay.dz)).to(device, dtype)
@@ -278,9 +287,7 @@ def layer_rows(init: str, layers: list[Layer], device) -> list[dict]:
             ref = closed_form(lay, x, r, dz, gamma, beta)
             done = {}
             for kind in KINDS:
-                uses_torch = kind == "torch" or (kind == "iabn" and (fused or lay.act ==
-                                                                      "identity"))
-                if uses_torch and "torch" in done:
+                if not _in_place(kind, fused, lay.act) and "torch" in done:
                     g = done["torch"]  # the same torch layer: no need to run it twice
                 else:
                     g = kind_grads(kind, lay, x, r, dz, gamma, beta, dtype)
@@ -298,11 +305,16 @@ def training_rows(s: Sizes, device, zero_init_last: bool, dtypes=("float32", "bf
     iabn and iabn_fused, in each dtype (16-bit: autocast)."""
     base = resnet50(s.train_width, s.classes, zero_init_last, seed=2)
     x, y = batch(s, s.train_batch, s.train_image, device, seed=3)
+    # Each kind's untrained model, converted once: conversion depends on the kind alone and
+    # draws no random numbers, so a deep copy per dtype starts from the same weights as a
+    # conversion per dtype would (train() moves and updates the copy, never these).
+    start_of = {kind: base if kind == "torch" else convert(base, kind == "iabn_fused")
+                for kind in KINDS}
     rows = []
     for dname in dtypes:
         dtype = getattr(torch, dname)
         for kind in KINDS:
-            model = copy.deepcopy(base) if kind == "torch" else convert(base, kind == "iabn_fused")
+            model = copy.deepcopy(start_of[kind])
             losses: list[float] = []
             start = time.perf_counter()
             train(model.to(device), x, y, s.train_steps, s.lr, dtype, losses)
@@ -314,11 +326,14 @@ def training_rows(s: Sizes, device, zero_init_last: bool, dtypes=("float32", "bf
 
 
 def residual_rows(init: str, stage: str, layers: list[Layer]) -> list[dict]:
+    # convert_model's own measure of a small output scale, so min_scale is what it warns on
+    from iabn.torch_convert_precision import output_scale
+
     rows = []
     for lay in layers:
         if lay.r is not None:
-            rms, worst = ratio(lay)
-            scale = (lay.gamma.double().square() + lay.beta.double().square()).sqrt()
+            rms, worst = lay.ratio
+            scale = output_scale(lay.gamma, lay.beta)
             rows.append(dict(init=init, stage=stage, layer=lay.name, ratio_rms=rms,
                              ratio_max_channel=worst, min_scale=scale.min().item()))
     return rows

@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from iabn_core import backends, ops
+from iabn_core import backends, ops, signature
 from iabn_core import instantiations as inst
 from iabn_core.dtypes import PAIRS, numpy_dtype
 from iabn_core.verify import TOL
@@ -143,11 +143,27 @@ class _Recorded:
         return getattr(self._fn, attr)
 
 
+def _clear_program_caches() -> None:
+    """Drops every cached Problem, with the kernel handles and launch programs in its memo.
+    A program binds rt.launch_packed when it is recorded (a functools.partial,
+    iabn_core/program.py): one recorded before the block would bypass the recording, and
+    one recorded inside it would keep calling the wrapper after the block. torch_fast's
+    entries hold Problems and programs too; they are only made by torch calls, so that
+    cache is cleared only where iabn.torch_fast is already loaded (no torch import here)."""
+    signature.clear()
+    fast = sys.modules.get("iabn.torch_fast")
+    if fast is not None:
+        fast.clear()
+
+
 @contextlib.contextmanager
 def record_launches(backend):
     """Within the block, the backend's kernel lookup and packed launch (launch programs,
     iabn_core/program.py) note every launched kernel name in the set it yields; the runtime
-    is restored after (the backend is process-wide: tests run the driver in-process)."""
+    is restored after (the backend is process-wide: tests run the driver in-process), and
+    the program caches are emptied on the way in and out, so that the block's calls record
+    their programs through the wrappers and no program outlives the block holding them."""
+    _clear_program_caches()
     launched: set = set()
     rt = backend.rt
     lookup, packed = rt.function, rt.launch_packed
@@ -174,6 +190,7 @@ def record_launches(backend):
                 setattr(rt, k, own[k])
             else:
                 delattr(rt, k)
+        _clear_program_caches()
 
 
 def run_step(mem: Memory, backend: str, pair, layout, shape, shift, scenario, rng):
@@ -249,9 +266,6 @@ def main(argv=None) -> int:
 
 
 def _drive(args, launched: set) -> int:
-    from iabn_core import signature
-
-    signature.clear()  # fresh problems: their programs are recorded inside this block
     mem = Memory(args.backend)
     problems, steps, t0 = [], 0, time.time()
     for pair in PAIRS:

@@ -76,6 +76,20 @@ def _run_once(fn, x, dy, w, b):
     return [t.detach() for t in (y, dx, dw, db)]
 
 
+def _errors(got, ref) -> tuple[float, str]:
+    """(largest error, per-output note) of (y, dx, dw, db) against the reference, each error
+    relative to max |reference| of that output: one definition for every implementation
+    and for the cuDNN-free diagnostic, so their notes read alike."""
+    each = [float((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-30))
+            for g, r in zip(got, ref)]
+    return max(each), " ".join(f"{o} {e:.2e}" for o, e in zip(("y", "dx", "dw", "db"), each))
+
+
+# check()'s extra entry when eager fails: eager rerun with cuDNN disabled. Its note is always
+# reported, pass or fail (case_rows): it is evidence, not a baseline.
+DIAGNOSTIC = "eager_nocudnn"
+
+
 def check(impls: dict, case: BNCase, inp: dict, details: dict | None = None) -> dict:
     """Max relative error of y, dx, dweight, dbias per implementation vs a float64 eager
     reference. iabn's scale is gamma = |w| + eps with w > 0, so the others get w + eps.
@@ -94,10 +108,7 @@ def check(impls: dict, case: BNCase, inp: dict, details: dict | None = None) -> 
         try:
             got = _run_once(fn, inp["x"], inp["dy"], inp["w"] if name == "iabn" else w_eff,
                             inp["b"])
-            each = [float((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-30))
-                    for g, r in zip(got, ref)]
-            errs[name] = max(each)
-            note = " ".join(f"{o} {e:.2e}" for o, e in zip(("y", "dx", "dw", "db"), each))
+            errs[name], note = _errors(got, ref)
         except Exception as exc:  # a baseline that cannot run this case is reported, not fatal
             errs[name] = f"error: {type(exc).__name__}: {exc}".splitlines()[0][:200]
         changed = [k for k, v in inp.items() if not torch.equal(v, snapshot[k])]
@@ -113,12 +124,9 @@ def check(impls: dict, case: BNCase, inp: dict, details: dict | None = None) -> 
         # function with cuDNN disabled says whether cuDNN's kernel is the one that differs.
         with torch.backends.cudnn.flags(enabled=False):
             got = _run_once(eager_bn_act, inp["x"], inp["dy"], w_eff, inp["b"])
-        each = [float((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-30))
-                for g, r in zip(got, ref)]
-        errs["eager_nocudnn"] = max(each)
+        errs[DIAGNOSTIC], note = _errors(got, ref)
         if details is not None:
-            details["eager_nocudnn"] = "diagnostic, eager with cuDNN disabled: " + " ".join(
-                f"{o} {e:.2e}" for o, e in zip(("y", "dx", "dw", "db"), each))
+            details[DIAGNOSTIC] = "diagnostic, eager with cuDNN disabled: " + note
     return errs
 
 
@@ -211,10 +219,11 @@ def case_rows(case: BNCase, impls: dict, device, timer, settings: Settings, pass
     except torch.cuda.OutOfMemoryError as exc:
         return [dict(base, mode=m, status=f"skipped: out of memory ({exc})"[:200]) for m in MODES]
     ok = {name: passed(err, case.dtype) for name, err in errs.items()}
-    # per-output errors of whatever failed, or changed an input, so a failure says where
+    # per-output errors of whatever failed, or changed an input, so a failure says where,
+    # and the diagnostic's whenever it ran
     detail = " | ".join(f"{name}: {details[name]}" for name in errs
                         if not ok[name] or "changed" in details.get(name, "")
-                        or "diagnostic" in details.get(name, ""))
+                        or name == DIAGNOSTIC)
     rows = []
     for mode in MODES:
         row = dict(base, mode=mode, check_detail=detail)
