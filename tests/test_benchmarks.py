@@ -249,7 +249,8 @@ def test_gpu_summary_renders(tmp_path, monkeypatch):
     """write_outputs with every part present: speed rows measured on the CPU here and memory
     rows from a stand-in measurement, so a GPU run cannot die formatting its results."""
     from benchmarks import cases, memory, speed
-    from benchmarks.__main__ import Run, write_outputs
+    from benchmarks.__main__ import Run
+    from benchmarks.summary import write_outputs
 
     gib = 2 ** 30
     monkeypatch.setattr(memory, "_measure",

@@ -141,7 +141,8 @@ def test_gpu_summary_renders_the_step_part(tmp_path):
     """write_outputs with step rows as a GPU run makes them (eager + compiled, one left out
     by the budget), so a GPU run cannot die formatting them."""
     from benchmarks import cases
-    from benchmarks.__main__ import Run, write_outputs
+    from benchmarks.__main__ import Run
+    from benchmarks.summary import write_outputs
 
     gib = 2 ** 30
     rows = []
@@ -297,11 +298,12 @@ def test_reduce_overhead_without_cuda_graphs_is_not_reported_as_such(monkeypatch
 def test_kernel_profile_on_cpu(tmp_path):
     """The profiler pass behind the fused-residual anomaly: rows per kind (CPU ops by self
     time here, CUDA kernels on a GPU), the text report with the differences, the traces."""
-    from benchmarks import cases, step
+    from benchmarks import cases, step, step_kernels
 
     settings = cases.Settings(tiny=True)
-    rows = step.kernel_profile(settings, "cpu", tmp_path, steps=2, progress=lambda s: None)
-    kinds = [k for k in step.PROFILE_KINDS if k in step.kinds()]
+    rows = step_kernels.kernel_profile(settings, "cpu", tmp_path, steps=2,
+                                       progress=lambda s: None)
+    kinds = [k for k in step_kernels.PROFILE_KINDS if k in step.kinds()]
     assert kinds[0] == "iabn" and {r["kind"] for r in rows} == set(kinds)
     for kind in kinds:
         mine = [r for r in rows if r["kind"] == kind]
@@ -313,7 +315,7 @@ def test_kernel_profile_on_cpu(tmp_path):
         assert any("convolution" in r["name"] for r in mine)
         with gzip.open(tmp_path / f"step_kernels_{kind}.json.gz") as f:
             assert json.load(f)["traceEvents"]
-    md = step.write_kernels(tmp_path, rows, "cpu-test")
+    md = step_kernels.write_kernels(tmp_path, rows, "cpu-test")
     text = (tmp_path / "step_kernels.txt").read_text()
     assert "== iabn:" in text and len((tmp_path / "step_kernels.csv").read_text().splitlines()
                                       ) == len(rows) + 1
@@ -323,13 +325,13 @@ def test_kernel_profile_on_cpu(tmp_path):
 
 
 def test_kernel_profile_leaves_out_what_the_deadline_does_not_allow(tmp_path, monkeypatch):
-    from benchmarks import cases, step
+    from benchmarks import cases, step, step_kernels
 
     monkeypatch.setattr(step, "_trainer", lambda *a: pytest.fail("built past the deadline"))
     late = cases.Settings(tiny=True, deadline=time.monotonic() - 1)
-    rows = step.kernel_profile(late, "cpu", tmp_path, progress=lambda s: None)
+    rows = step_kernels.kernel_profile(late, "cpu", tmp_path, progress=lambda s: None)
     assert rows and all(r["status"] == "not run: time budget" for r in rows)
-    assert "iabn: not run: time budget" in "\n".join(step.kernel_report(rows, "cpu"))
+    assert "iabn: not run: time budget" in "\n".join(step_kernels.kernel_report(rows, "cpu"))
 
 
 def test_a_placed_compiled_pass_runs_there_and_only_once(monkeypatch):
