@@ -15,10 +15,12 @@ from .torch_modules import (ABN, IN_PLACE_MODULES, IABNConversionWarning, InPlac
                             InPlaceABNSync)
 
 
-def _first_tensor(m: nn.Module) -> Optional[torch.Tensor]:
-    for t in list(m.parameters()) + [b for b in m.buffers() if b.is_floating_point()]:
-        return t
-    return None
+def _placed_like(new: nn.Module, src: nn.Module) -> nn.Module:
+    """`new` moved to the device and dtype of src's first parameter (else floating buffer);
+    as it is when src holds none."""
+    for t in list(src.parameters()) + [b for b in src.buffers() if b.is_floating_point()]:
+        return new.to(device=t.device, dtype=t.dtype)
+    return new
 
 
 def _copy_state(src: nn.Module, dst: nn.Module, weight: Optional[torch.Tensor]) -> None:
@@ -58,9 +60,7 @@ def _in_place_from(bn: _BatchNorm, activation: str, activation_param: float,
             activation, activation_param, bias=bn.bias is not None)
     if cls is InPlaceABNSync:  # synchronise over the same ranks (None: the default group)
         m.set_group(bn.process_group)
-    like = _first_tensor(bn)
-    if like is not None:
-        m = m.to(device=like.device, dtype=like.dtype)
+    m = _placed_like(m, bn)
     change = scale_change(bn) if warn else None
     if change is not None:  # stacklevel 3: the caller of from_batchnorm
         warnings.warn(f"from_batchnorm: {change.channels} of {bn.num_features} channels have "
@@ -99,9 +99,7 @@ def _batchnorm_from(m: ABN, bn_class: type, *args: Any) -> _BatchNorm:
     bn = bn_class(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, *args)
     if isinstance(bn, nn.SyncBatchNorm):
         bn.process_group = getattr(m, "group", None)
-    like = _first_tensor(m)
-    if like is not None:
-        bn = bn.to(device=like.device, dtype=like.dtype)
+    bn = _placed_like(bn, m)
     if m.affine and m.bias is None:  # built with bias=False: no bias key on either side
         bn.register_parameter("bias", None)
     # effective_weight() is None for a weight set to None: nothing to copy then
@@ -121,9 +119,7 @@ def to_sync(m: ABN, group: Optional[Any] = None) -> InPlaceABNSync:
     s = InPlaceABNSync(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
                        m.activation, m.activation_param, group,
                        bias=m.bias is not None or not m.affine)
-    like = _first_tensor(m)
-    if like is not None:
-        s = s.to(device=like.device, dtype=like.dtype)
+    s = _placed_like(s, m)
     s.load_state_dict(m.state_dict())
     if hasattr(m, "_bn_class"):
         s._bn_class = m._bn_class

@@ -27,6 +27,12 @@ __all__ = ["ABN", "InPlaceABN", "InPlaceABNSync", "IN_PLACE_MODULES", "IABNConve
 _ABN_ACTIVATIONS = ("relu", "leaky_relu", "elu", "identity")
 
 
+def _activation_repr(m: nn.Module) -> str:
+    """How reprs name a layer's activation: leaky_relu and elu with their parameter."""
+    act = m.activation
+    return f"{act}[{m.activation_param}]" if act in ("leaky_relu", "elu") else act
+
+
 class IABNConversionWarning(UserWarning):
     """A BatchNorm could not be converted exactly (or was left as it is)."""
 
@@ -191,13 +197,10 @@ class ABN(nn.Module):
                                       unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
-        act = self.activation
-        if act in ("leaky_relu", "elu"):
-            act += f"[{self.activation_param}]"
         no_bias = ", bias=False" if self.affine and self.bias is None else ""
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}{no_bias}, track_running_stats={self.track_running_stats}"
-                f", activation={act}")
+                f", activation={_activation_repr(self)}")
 
 
 class _RefusesTorchScript:

@@ -31,7 +31,7 @@ from iabn_core.validate import IABNError
 from .torch_fx_nodes import _set_module
 from .torch_layer_convert import _batchnorm_from
 from .torch_layer_convert import to_batchnorm as _layer_to_batchnorm
-from .torch_modules import ABN, InPlaceABNSync
+from .torch_modules import ABN, InPlaceABNSync, _activation_repr
 
 __all__ = ["revert_model", "to_batchnorm", "BatchNormAct", "SyncBatchNormAct"]
 
@@ -51,10 +51,7 @@ _ACTIVATION_FUNCTIONS = {"leaky_relu": F.leaky_relu, "elu": F.elu, "relu": F.rel
 
 
 def _act_repr(m: nn.Module, bn_repr: str) -> str:
-    act = m.activation
-    if act in ("leaky_relu", "elu"):
-        act += f"[{m.activation_param}]"
-    return f"{bn_repr}, activation={act}"
+    return f"{bn_repr}, activation={_activation_repr(m)}"
 
 
 class BatchNormAct(_BatchNorm):
