@@ -75,20 +75,22 @@ def _variant_input(x, variant):
     return x
 
 
-@contextlib.contextmanager
-def _backend_env(value):
-    old = os.environ.get("IABN_BACKEND")
+def _set_backend(value) -> None:
+    """IABN_BACKEND set to `value`, or unset for None."""
     if value is None:
         os.environ.pop("IABN_BACKEND", None)
     else:
         os.environ["IABN_BACKEND"] = value
+
+
+@contextlib.contextmanager
+def _backend_env(value):
+    old = os.environ.get("IABN_BACKEND")
+    _set_backend(value)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("IABN_BACKEND", None)
-        else:
-            os.environ["IABN_BACKEND"] = old
+        _set_backend(old)
 
 
 @contextlib.contextmanager
@@ -237,10 +239,7 @@ def _with_backend(value, setup):
     """setup that first sets IABN_BACKEND to `value` (None: unset) for the call that follows;
     part of the untimed setup, so no row pays for it."""
     def wrapped():
-        if value is None:
-            os.environ.pop("IABN_BACKEND", None)
-        else:
-            os.environ["IABN_BACKEND"] = value
+        _set_backend(value)
         return setup()
     return wrapped
 
