@@ -5,11 +5,9 @@ refused, never loaded silently."""
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
-from torch import nn
 
 import iabn.torch as it
 import torchvision_like as tv
