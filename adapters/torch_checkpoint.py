@@ -37,6 +37,11 @@ class ScaleChange:
     min_gamma: float
     bound: float  # the output changes by at most bound * |x_hat| (x_hat: normalised input)
 
+    def line(self, name: str) -> str:
+        """How a warning lists the layer (or state_dict key) `name` with this change."""
+        return (f"{name}: {self.channels} of {self.total} channels, by at most "
+                f"{self.bound:.3g}*|x_hat|")
+
 
 def _scale_change(gamma: torch.Tensor, eps: float) -> Optional[ScaleChange]:
     g = gamma.detach()
@@ -122,8 +127,7 @@ def load_batchnorm_state_dict(model: nn.Module, state_dict: Mapping[str, Any],
                         else f"{change.channels} channels with gamma <= eps")
                 refused.append(f"{key}: {what} (down to {change.min_gamma:.3g})")
             else:
-                changed.append(f"{key}: {change.channels} of {change.total} channels, by at "
-                               f"most {change.bound:.3g}*|x_hat|")
+                changed.append(change.line(key))
         converted[key] = _in_place_weight(gamma, m.eps)
     if refused:
         raise IABNError("load_batchnorm_state_dict: InPlaceABN's scale |w| + eps cannot "

@@ -383,8 +383,7 @@ def convert_model(model: nn.Module, sync: bool = False, group: Optional[Any] = N
             f"convert_model changed the function of {len(changed)} BatchNorm layers by at most "
             f"{worst:.3g}*|x_hat| (x_hat: the normalised input): their channels with 0 <= "
             "gamma <= eps get InPlaceABN's smallest scale, eps (exact=True keeps them BN):\n  "
-            + "\n  ".join(f"{name}: {c.channels} of {c.total} channels, by at most "
-                           f"{c.bound:.3g}*|x_hat|" for name, c in changed),
+            + "\n  ".join(c.line(name) for name, c in changed),
             IABNConversionWarning, stacklevel=2)
     fused = {p.bn.target: modules[p.bn.target] for p in st.plans if p.add is not None}
     if msg := fused_precision_warning(fused):
