@@ -13,10 +13,10 @@ from . import report
 from .cases import Settings
 
 
-def _why(run, part: str) -> str:
-    """The line a summary section shows when its part produced no numbers."""
+def _no_figures(title: str, run, part: str) -> list[str]:
+    """A summary section for a part that produced no numbers: its title and the reason."""
     status = run.status.get(part, "not requested (--parts)")
-    return f"No figures: {status}."
+    return [f"## {title}", "", f"No figures: {status}.", ""]
 
 
 def write_outputs(out: Path, run, settings: Settings, env: dict, gpu: bool, argv) -> None:
@@ -50,8 +50,7 @@ def write_outputs(out: Path, run, settings: Settings, env: dict, gpu: bool, argv
         md += ["## Speed (GPU, CUDA events)", "", "![speed](speed_ratio.png)", ""]
         md += report.speed_section(rows, copy_gbps)
     else:
-        md += ["## Speed (GPU)", "", _why(run, "speed"),
-               ""]
+        md += _no_figures("Speed (GPU)", run, "speed")
 
     if "memory" in run.data:
         peak, max_rows = run.data["memory"]
@@ -65,8 +64,7 @@ def write_outputs(out: Path, run, settings: Settings, env: dict, gpu: bool, argv
         md += ["## Peak memory per training step (GPU)", "", "![memory](memory_vs_batch.png)", ""]
         md += report.peak_section(peak, max_rows)
     else:
-        md += ["## Peak memory (GPU)", "",
-               _why(run, "memory"), ""]
+        md += _no_figures("Peak memory (GPU)", run, "memory")
 
     if "step" in run.data:
         from . import step
@@ -84,7 +82,7 @@ def write_outputs(out: Path, run, settings: Settings, env: dict, gpu: bool, argv
                "![step](step.png)", ""]
         md += step.section(run.data["step"])
     else:
-        md += ["## Whole training step (GPU)", "", _why(run, "step"), ""]
+        md += _no_figures("Whole training step (GPU)", run, "step")
     if "step_kernels" in run.data:  # without it, the parts table above says why
         from . import step_kernels
 
@@ -108,8 +106,7 @@ def write_outputs(out: Path, run, settings: Settings, env: dict, gpu: bool, argv
                "![saved bytes](saved_bytes_vs_batch.png)", ""]
         md += report.saved_section(rows)
     else:
-        md += ["## Bytes saved for backward", "",
-               _why(run, "saved"), ""]
+        md += _no_figures("Bytes saved for backward", run, "saved")
 
     if "counts" in run.data:
         traffic, launches = run.data["counts"]
@@ -122,8 +119,7 @@ def write_outputs(out: Path, run, settings: Settings, env: dict, gpu: bool, argv
         md += report._table(["path", "step", "launches"],
                             [[r["path"], r["step"], r["launches"]] for r in launches])
     else:
-        md += ["## Traffic and launches", "",
-               _why(run, "counts"), ""]
+        md += _no_figures("Traffic and launches", run, "counts")
 
     if "overhead" in run.data:
         from . import overhead
@@ -132,7 +128,7 @@ def write_outputs(out: Path, run, settings: Settings, env: dict, gpu: bool, argv
         md += ["## Host overhead per layer (CPU" + (" and GPU" if gpu else "") + ")", ""]
         md += overhead.summary_section(run.data["overhead"])
     else:
-        md += ["## Host overhead per layer", "", _why(run, "overhead"), ""]
+        md += _no_figures("Host overhead per layer", run, "overhead")
 
     if "precision" in run.data:
         from . import precision_report
@@ -140,7 +136,7 @@ def write_outputs(out: Path, run, settings: Settings, env: dict, gpu: bool, argv
         md += [f"## Precision in 16 bits ({env['device']})", ""]
         md += precision_report.write(out, run.data["precision"], env["device"])
     else:
-        md += ["## Precision in 16 bits", "", _why(run, "precision"), ""]
+        md += _no_figures("Precision in 16 bits", run, "precision")
 
     if "compile" in run.data:
         rows = run.data["compile"]
@@ -152,6 +148,5 @@ def write_outputs(out: Path, run, settings: Settings, env: dict, gpu: bool, argv
                 "here: it needs a GPU to load the module.")
         md += ["## NVRTC compile time", ""] + report.compile_section(rows, note)
     else:
-        md += ["## NVRTC compile time", "",
-               _why(run, "compile"), ""]
+        md += _no_figures("NVRTC compile time", run, "compile")
     (out / "summary.md").write_text("\n".join(md))
