@@ -17,9 +17,8 @@ from torch import nn
 import iabn.torch as it
 import timm_like as tm
 import torchvision_like as tv
-from iabn.torch import IABNConversionWarning, IABNError
-from test_torch_convert import (SLOPE, assert_same_function, leaky, n_bn, n_iabn, quiet_convert,
-                                randomize)
+from iabn.torch import IABNError
+from test_torch_convert import SLOPE, assert_same_function, leaky, n_bn, quiet_convert, randomize
 
 
 def n_abn(model):
