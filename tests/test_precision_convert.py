@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import torchvision_like as tv
 from test_convert_timm import convert
+from test_torch_convert import leaky
 from iabn.torch_convert_precision import SMALL_SCALE
-
-SLOPE = 0.01
-
-
-def leaky():
-    return nn.LeakyReLU(SLOPE, inplace=True)
 
 
 def precision_lines(msgs):
