@@ -122,12 +122,29 @@ def closures(mod, x, dy, stage, residual=None):
     raise ValueError(stage)
 
 
-def frames_per_step(step, x, dy, residual=None) -> int:
-    """Python frames ('call' events of sys.setprofile) of one training step beyond the same
-    step without the layer (clone, and the add when there is a residual). `step` is the
-    "step" stage's run closure (closures(..., "step", residual)), taken as it is timed."""
+def python_calls(fn, *args) -> int:
+    """Python frames entered ('call' events of sys.setprofile) while fn(*args) runs, fn's
+    own included."""
     import sys
 
+    n = [0]
+
+    def prof(frame, event, arg):
+        if event == "call":
+            n[0] += 1
+
+    sys.setprofile(prof)
+    try:
+        fn(*args)
+    finally:
+        sys.setprofile(None)
+    return n[0]
+
+
+def frames_per_step(step, x, dy, residual=None) -> int:
+    """Python frames (python_calls) of one training step beyond the same step without the
+    layer (clone, and the add when there is a residual). `step` is the "step" stage's run
+    closure (closures(..., "step", residual)), taken as it is timed."""
     x_leaf = x.detach().clone().requires_grad_()
     # The floor takes (and ignores) step's argument too: both are called alike, and each
     # lambda's own frame is counted on both sides of the difference.
@@ -140,18 +157,7 @@ def frames_per_step(step, x, dy, residual=None) -> int:
     for fn in (step, floor):
         for _ in range(3):  # the signature's first call takes the general path
             fn(None)
-        n = [0]
-
-        def prof(frame, event, arg, n=n):
-            if event == "call":
-                n[0] += 1
-
-        sys.setprofile(prof)
-        try:
-            fn(None)
-        finally:
-            sys.setprofile(None)
-        counts.append(n[0])
+        counts.append(python_calls(fn, None))
     return counts[0] - counts[1]
 
 

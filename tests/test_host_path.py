@@ -4,7 +4,6 @@ Machine-independent counts only (Python frames, launches, which route a call tak
 the timings are in `python -m benchmarks --parts overhead`."""
 from __future__ import annotations
 
-import sys
 import threading
 import types
 
@@ -20,20 +19,8 @@ torch = pytest.importorskip("torch")
 
 from iabn import torch_bridge, torch_fast, torch_ops  # noqa: E402
 from iabn.torch import InPlaceABN  # noqa: E402
-
-def _calls(fn) -> int:
-    n = [0]
-
-    def prof(frame, event, arg):
-        if event == "call":
-            n[0] += 1
-
-    sys.setprofile(prof)
-    try:
-        fn()
-    finally:
-        sys.setprofile(None)
-    return n[0]
+from benchmarks import overhead  # noqa: E402
+from benchmarks.overhead import python_calls  # noqa: E402
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -41,8 +28,6 @@ def test_python_frames_per_training_step(monkeypatch, residual):
     """A later change cannot regrow the per-call path: frames of one training step (clone,
     forward, backward) beyond the same step without the layer, counted as the overhead
     benchmark counts them, against its budget (issue 19)."""
-    from benchmarks import overhead
-
     monkeypatch.setenv("IABN_BACKEND", "null")
     m = InPlaceABN(8)
     x = torch.randn(2, 8, 4, 4)
@@ -105,7 +90,7 @@ def test_null_and_cuda_take_the_same_route():
             assert isinstance(launch, functools.partial) and isinstance(params, int)
             assert not isinstance(launch.func, types.FunctionType)  # C: no Python frame
     n0 = be.launches
-    assert _calls(lambda: progs[0].run((1024,), 4096, 0.1, 0)) == 2  # the lambda and run
+    assert python_calls(lambda: progs[0].run((1024,), 4096, 0.1, 0)) == 2  # the lambda and run
     assert be.launches - n0 == 2
     cells = progs[0].cell_values()
     assert cells[0] == 1024 and 4096 in cells and 4096 + 16 in cells and 3 in cells
