@@ -12,6 +12,7 @@ import pytest
 
 from iabn_core import backends, ops
 from iabn_core.backends.base import Composites
+from iabn_core.comm import InProcessGroup
 from iabn_core.layout import view3
 from iabn_core.validate import IABNError
 
@@ -306,19 +307,10 @@ def test_unrecorded_calls_skip_the_autograd_node_but_bump_versions(monkeypatch):
         torch.testing.assert_close(m(xi), want, rtol=0, atol=0)
 
 
-class _OneRank:
-    """A communicator of one rank (the core's interface), for the synced path's host logic."""
-
-    size, rank = 1, 0
-
-    def exchange_header(self, values, like):
-        return [tuple(values)]
-
-    def all_gather(self, a):
-        return a[None]
-
-    def all_reduce(self, a):
-        return a
+def _one_rank():
+    """A communicator of one rank (the core's in-process group), for the synced path's host
+    logic."""
+    return InProcessGroup(1).comms()[0]
 
 
 @pytest.mark.parametrize("backend", ["numpy", "emulator"])
@@ -328,11 +320,11 @@ def test_synced_empty_global_batch_is_an_empty_batch(backend):
     x = np.zeros((0, 3, 4, 4), np.float32)
     w, b = np.ones(3, np.float32), np.zeros(3, np.float32)
     rm, rv = np.full(3, 0.5, np.float32), np.full(3, 2.0, np.float32)
-    ctx = ops.forward(x, w, b, rm, rv, training=True, backend=backend, comm=_OneRank())
+    ctx = ops.forward(x, w, b, rm, rv, training=True, backend=backend, comm=_one_rank())
     np.testing.assert_array_equal(rm, np.full(3, 0.5, np.float32))
     np.testing.assert_array_equal(rv, np.full(3, 2.0, np.float32))
     dx, dw, db = ops.backward(ctx, x, np.zeros_like(x))
     assert dx.shape == x.shape and not dw.any() and not db.any()
     with pytest.raises(IABNError, match="more than 1 value"):
         ops.forward(np.ones((1, 3, 1, 1), np.float32), w, b, rm, rv, training=True,
-                    backend=backend, comm=_OneRank())
+                    backend=backend, comm=_one_rank())
