@@ -90,10 +90,9 @@ def _forward_fake(x, weight, bias, running_mean, running_var, training, momentum
     # Only torch.compile / torch.export reach this fake kernel, and the ONNX dynamo exporter
     # captures through torch.export: refuse there, naming the fix (eager never gets here).
     if torch.onnx.is_in_onnx_export():
-        raise IABNError("InPlaceABN computes in place with its own kernels, which the ONNX "
-                        "exporter cannot translate. Export the equivalent BatchNorm model "
-                        "instead: model = iabn.torch.revert_model(model) (same outputs, same "
-                        "state_dict keys)")
+        from .torch_revert import _FIX  # here: torch_revert imports the modules, which import us
+
+        raise IABNError(_FIX.format(tool="the ONNX exporter"))
     return x.new_empty((4, x.shape[1]), dtype=_acc_dtype(x.dtype))
 
 
