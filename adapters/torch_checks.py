@@ -19,10 +19,8 @@ from .torch_bridge import TORCH_DTYPES, _SUPPORTED
 
 def _check_tensors(x, weight, bias, running_mean, running_var, training=True,
                    residual=None):
-    """Torch-level checks the core cannot make (it sees only arrays); all before any write.
-    They include what PyTorch itself would refuse only after the kernels had written: in-place
-    updates of inference tensors outside inference mode and, when autograd records the call,
-    of views it cannot rebase, and inference tensors saved for backward."""
+    """The general path's torch-level checks (the module docstring lists them), each raising
+    IABNError naming the argument, all before any write."""
     named = dict(x=x, weight=weight, bias=bias, running_mean=running_mean,
                  running_var=running_var, residual=residual)
     for name, t in named.items():
