@@ -18,6 +18,7 @@ stay in the full text (WarpStateStats), which the suite keeps as logs/ncu.log.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 
@@ -82,7 +83,7 @@ def target(tiny: bool, device: str) -> None:
             setup, run = closures(iabn_bn_act, inp, mode)
             run(setup())  # compiles or loads the module, sizes the plan
             state = setup()
-            window(lambda: run(state))
+            window(functools.partial(run, state))
             print(f"[ncu target] {case.label} {mode}", flush=True)
             del state
         if cuda:
