@@ -208,10 +208,10 @@ _FIX = ("InPlaceABN computes in place with its own kernels, which {tool} cannot 
         "(same outputs, same state_dict keys)")
 
 
-def _refuse_tracing(self, *args, **kwargs):
-    raise IABNError(f"{type(self).__name__}: " + _FIX.format(
+def _refuse_tracing(layer):
+    raise IABNError(f"{type(layer).__name__}: " + _FIX.format(
         tool="torch.jit.trace (and torch.onnx.export(dynamo=False), which traces)"))
 
 
-def _refuse_scripting(self):
-    raise IABNError(f"{type(self).__name__}: " + _FIX.format(tool="torch.jit.script"))
+def _refuse_scripting(layer):
+    raise IABNError(f"{type(layer).__name__}: " + _FIX.format(tool="torch.jit.script"))
