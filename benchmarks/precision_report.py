@@ -16,6 +16,12 @@ def _span(values) -> str:
     return f"{values[len(values) // 2]:.2g} / {values[-1]:.2g}"
 
 
+def _losses(training: list[dict], init: str, dtype: str, kind: str) -> list[float]:
+    """One training run's loss per step."""
+    return [r["loss"] for r in training
+            if r["init"] == init and r["dtype"] == dtype and r["kind"] == kind]
+
+
 def section(data: dict) -> list[str]:
     s, md = data["sizes"], []
     md += [f"ResNet-50 (benchmarks.nets, width {s.width}, LeakyReLU {SLOPE}) at batch {s.batch}, "
@@ -58,11 +64,9 @@ def section(data: dict) -> list[str]:
     tr, table = data["training"], []
     for init in dict.fromkeys(r["init"] for r in tr):
         for dt in dict.fromkeys(r["dtype"] for r in tr):
-            ref = [r["loss"] for r in tr if r["init"] == init and r["dtype"] == dt
-                   and r["kind"] == "torch"]
+            ref = _losses(tr, init, dt, "torch")
             for kind in KINDS:
-                ls = [r["loss"] for r in tr if r["init"] == init and r["dtype"] == dt
-                      and r["kind"] == kind]
+                ls = _losses(tr, init, dt, kind)
                 q = ls[-max(1, len(ls) // 4):]
                 table.append([init, dt, kind, f"{ls[0]:.4g}", f"{ls[-1]:.3g}",
                               f"{sum(q) / len(q):.3g}",
@@ -83,8 +87,7 @@ def plot(data: dict, path: Path, device: str) -> None:
         for j, dt in enumerate(dtypes):
             ax = axes[i][j]
             for kind, style in zip(KINDS, ("-", "--", ":")):
-                ls = [r["loss"] for r in tr if r["init"] == init and r["dtype"] == dt
-                      and r["kind"] == kind]
+                ls = _losses(tr, init, dt, kind)
                 ax.plot(range(len(ls)), ls, style, label=kind)
             ax.set_yscale("log")
             ax.set_title(f"{dt}, {init}", fontsize=9)
