@@ -108,6 +108,37 @@ def test_block_reduction_matches_numpy(reduce_mod, reverse):
     assert outm.max() == x.max()
 
 
+def test_signature_query_is_thread_safe(reduce_mod):
+    """Each kernel's parameter list, asked for from many threads at once, comes back whole.
+    ctypes drops the GIL during the call, and in-process ranks (tests/test_distributed.py)
+    look the same kernels up together; kernels 1 and 2 share one parameter list."""
+    import ctypes
+    import threading
+
+    want = b"const double*;double*;long long"
+    queries = []
+    for i in (1, 2):
+        fn = getattr(reduce_mod._lib, f"iabn_emu_signature_{i}")
+        fn.restype = ctypes.c_char_p
+        queries.append(fn)
+    bad, start = [], threading.Barrier(8)
+
+    def ask(t):
+        start.wait()
+        q = queries[t % 2]
+        for _ in range(3000):
+            got = q()
+            if got != want:
+                bad.append(got)
+
+    threads = [threading.Thread(target=ask, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert bad == [], f"{len(bad)} garbled answers, e.g. {bad[:3]}"
+
+
 def test_traffic_counts(reduce_mod):
     k = reduce_mod.get_function(REDUCE_NAMES[2])
     x = np.arange(1000, dtype=np.float64)

@@ -196,10 +196,14 @@ template <class T> struct TypeStr<T*> {
   static void put(char* b) { TypeStr<T>::put(b); strcat(b, "*"); }
 };
 
-// Parameter types joined by ';' (static storage, one buffer per kernel).
+// Parameter types joined by ';'. The buffer is one per parameter list, not per kernel
+// (kernels with the same parameter types share it), and it is rebuilt on every call, while
+// ctypes calls this with the GIL released: threads that look kernels up together (in-process
+// ranks) would read it half-cleared. thread_local gives each caller its own; a function
+// static built once would need guards, and this library is built -fno-threadsafe-statics.
 template <class... P>
 static const char* signature(void (*)(P...)) {
-  static char buf[64 * (sizeof...(P) + 1)];
+  static thread_local char buf[64 * (sizeof...(P) + 1)];
   buf[0] = 0;
   int i = 0;
   ((strcat(buf, i++ ? ";" : ""), TypeStr<P>::put(buf)), ...);
